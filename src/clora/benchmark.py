@@ -1,0 +1,255 @@
+"""The continual-learning benchmark: task orders, loading, prompts and exact-match scoring.
+
+A benchmark is any directory in the CL_Benchmark layout (see the README inside the shipped
+archive): ``root/<group>/<dataset>/{train,test,labels}.json`` plus ``root/instruction_config.json``.
+A task is named by its dataset directory; ``dev.json`` is never read. The 15-task benchmark ships
+as ``data/CL_Benchmark.tar.xz`` and :func:`default_benchmark_dir` unpacks it once into the cache
+(``$CLORA_CACHE`` or ``~/.cache/clora``). Users can point :class:`Benchmark` at their own directory.
+
+Caps: ``load_task(name, train_cap=n)`` keeps a random sample of ``n`` items of the split, drawn by
+``random.Random(f"{name}:{split}:{sample_seed}")`` and kept in the file's order, so a run is
+reproducible and the same seed gives the same items everywhere. ``None`` or a cap at least the
+split's size keeps the whole split. The whole split is validated either way.
+
+Every mistake in the user's input raises :class:`clora.errors.UserError` with a one-line message
+naming the file, item or option at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from clora.errors import UserError
+
+ORDERS: dict[str, list[str]] = {
+    "1": ["dbpedia", "amazon", "yahoo", "agnews"],
+    "2": ["dbpedia", "amazon", "agnews", "yahoo"],
+    "3": ["yahoo", "amazon", "agnews", "dbpedia"],
+    "4": ["MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon", "SST-2",
+          "dbpedia", "agnews", "MultiRC", "yahoo"],
+    "5": ["MultiRC", "BoolQA", "WiC", "MNLI", "CB", "COPA", "QQP", "RTE", "IMDB", "SST-2",
+          "dbpedia", "agnews", "yelp", "amazon", "yahoo"],
+    "6": ["yelp", "amazon", "MNLI", "CB", "COPA", "QQP", "RTE", "IMDB", "SST-2", "dbpedia",
+          "agnews", "yahoo", "MultiRC", "BoolQA", "WiC"],
+    "TC-3": ["dbpedia", "yahoo", "agnews"],
+}
+# The 15-task orders, where the published protocol trains MNLI for two epochs.
+LONG_ORDERS = {"4", "5", "6"}
+
+ARCHIVE = Path(__file__).parent / "data" / "CL_Benchmark.tar.xz"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    sentence: str
+    label: str
+
+
+@dataclass
+class Task:
+    name: str
+    group: str
+    labels: list[str]
+    instruction: str | None  # None: the group has no instruction (COPA), so no Option line either
+    train: list[Item]
+    test: list[Item]
+
+    def prompt(self, item: Item) -> str:
+        # Byte for byte the published protocol, including the space before the newline after
+        # the options; the instruction already ends with "\n".
+        head = f"Task:{self.group}\nDataset:{self.name}\n"
+        if self.instruction is None:
+            return f"{head}{item.sentence}\nAnswer:"
+        return f"{head}{self.instruction}Option: {', '.join(self.labels)} \n{item.sentence}\nAnswer:"
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+@functools.cache
+def _archive_digest() -> str:
+    return hashlib.sha256(ARCHIVE.read_bytes()).hexdigest()[:16]
+
+
+def default_benchmark_dir() -> Path:
+    """The shipped benchmark, unpacked once into the cache; returns its CL_Benchmark directory."""
+    cache = Path(os.environ.get("CLORA_CACHE") or Path.home() / ".cache" / "clora")
+    # Keyed on the archive's content, so a newer archive never reuses a stale unpacked copy.
+    target = cache / f"benchmark-{_archive_digest()}"
+    if (target / "CL_Benchmark").is_dir():
+        return target / "CL_Benchmark"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache))
+    except OSError as e:
+        raise UserError(f"cannot write the cache dir {cache} ({e.strerror}); set CLORA_CACHE") from None
+    try:
+        with tarfile.open(ARCHIVE) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            # Atomic: concurrent runs never see a half-unpacked benchmark.
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "CL_Benchmark").is_dir():  # not just another process winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / "CL_Benchmark"
+
+
+def _zero_shot_instruction(entries) -> str | None:
+    objects = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    preferred = [e for e in objects if e.get("instruction_type") == "zero-shot"] or objects
+    return preferred[0].get("instruction") if preferred else None
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class Benchmark:
+    """A benchmark directory. Only the instruction file is read up front; tasks load on demand."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"benchmark dir {self.root} does not exist")
+        config_path = self.root / "instruction_config.json"
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: expected a JSON object of group -> instructions")
+        self._instructions: dict[str, str] = {}
+        for group, entries in config.items():
+            text = _zero_shot_instruction(entries)
+            if not isinstance(text, str):
+                raise UserError(f"{config_path}: group {group!r} needs a list of "
+                                '{"instruction_type": "zero-shot", "instruction": <str>} objects')
+            self._instructions[group] = text
+        # name -> (group, dataset dir), found by listing only: parsing every split here would
+        # read ~47 MB of JSON for the full benchmark.
+        self._tasks: dict[str, tuple[str, Path]] = {}
+        for group_dir in _subdirs(self.root):
+            for task_dir in _subdirs(group_dir):
+                if task_dir.name in self._tasks:
+                    other = self._tasks[task_dir.name][1]
+                    raise UserError(f"task name {task_dir.name!r} appears twice: {other} and {task_dir}")
+                self._tasks[task_dir.name] = (group_dir.name, task_dir)
+
+    def task_names(self) -> list[str]:
+        return list(self._tasks)
+
+    def _check_name(self, name: str, context: str = "") -> None:
+        if name in self._tasks:
+            return
+        known = sorted(self._tasks)
+        by_lower = {k.lower(): k for k in known}  # "sst-2" should suggest "SST-2"
+        hint = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=1)]
+        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+        raise UserError(f"unknown task {name!r}{context} in {self.root}; "
+                        + (f"did you mean {hint[0]!r}? " if hint else "")
+                        + f"known tasks: {shown or '(none)'}")
+
+    def load_task(self, name: str, train_cap: int | None = None, test_cap: int | None = None,
+                  sample_seed: int = 0) -> Task:
+        for split, cap in zip(SPLITS, (train_cap, test_cap)):
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+                raise UserError(f"{split} cap must be a positive integer, got {cap!r}")
+        self._check_name(name)
+        group, task_dir = self._tasks[name]
+        labels_path = task_dir / "labels.json"
+        labels = _read_json(labels_path)
+        if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+                or len(set(labels)) != len(labels)):
+            raise UserError(f"{labels_path}: expected a non-empty JSON list of distinct label strings")
+        splits = {split: _sample(_load_split(task_dir / f"{split}.json", labels), cap,
+                                 f"{name}:{split}:{sample_seed}")
+                  for split, cap in zip(SPLITS, (train_cap, test_cap))}
+        return Task(name=name, group=group, labels=labels, instruction=self._instructions.get(group),
+                    train=splits["train"], test=splits["test"])
+
+
+def _load_split(path: Path, labels: list[str]) -> list[Item]:
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of items, got a JSON {type(data).__name__}")
+    if not data:
+        raise UserError(f"{path}: the split is empty")
+    allowed = set(labels)
+    items = []
+    for i, raw in enumerate(data):
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: item {i} is not a JSON object")
+        for key in ("sentence", "label"):
+            if key not in raw:
+                raise UserError(f"{path}: item {i} lacks {key!r}")
+            if not isinstance(raw[key], str):
+                raise UserError(f"{path}: item {i} has a non-string {key!r}: {raw[key]!r}")
+        if raw["label"] not in allowed:
+            raise UserError(f"{path}: item {i} has label {raw['label']!r}, not in labels.json {labels}")
+        items.append(Item(sentence=raw["sentence"], label=raw["label"]))
+    return items
+
+
+def _sample(items: list[Item], cap: int | None, key: str) -> list[Item]:
+    if cap is None or cap >= len(items):
+        return items
+    chosen = sorted(random.Random(key).sample(range(len(items)), cap))
+    return [items[i] for i in chosen]
+
+
+def resolve_tasks(order: str | None, tasks: str | None, benchmark: Benchmark) -> tuple[str, list[str]]:
+    """(order label, task names) from exactly one of a named order or a comma-separated task list."""
+    if (order is None) == (tasks is None):
+        raise UserError("give exactly one of an order (--order) or a task list (--tasks)")
+    if order is not None:
+        if order not in ORDERS:
+            raise UserError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
+        label, names = order, list(ORDERS[order])
+    else:
+        label, names = "custom", [t.strip() for t in tasks.split(",")]
+        if any(not n for n in names):
+            raise UserError(f"task list {tasks!r} has an empty name")
+        seen = set()
+        for n in names:
+            if n in seen:
+                raise UserError(f"task list {tasks!r} names {n!r} twice")
+            seen.add(n)
+    for n in names:
+        benchmark._check_name(n, f" (order {label})")
+    return label, names
+
+
+def epochs_for(task_name: str, order_label: str, base_epochs: int) -> int:
+    return base_epochs * 2 if (order_label in LONG_ORDERS and task_name == "MNLI") else base_epochs
+
+
+_STRIP_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.lower().translate(_STRIP_PUNCT).split())
+
+
+def exact_match(prediction: str, label: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(label)

@@ -1,0 +1,118 @@
+"""`clora` command line. User mistakes print one line `clora: error: ...` and exit 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .config import RunConfig
+from .errors import UserError
+
+_HELP = {
+    "method": "continual method (see `clora methods`)",
+    "method_options": "method option key=value (repeatable; see `clora methods`)",
+    "model": "hub id, local directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    "data_dir": "benchmark directory in the CL_Benchmark layout (default: the copy shipped with clora)",
+    "order": "task order: 1-6 or TC-3 (see `clora tasks`)",
+    "tasks": "custom task order, comma-separated (instead of --order)",
+    "train_per_task": "cap on training items per task (a seeded random sample)",
+    "test_per_task": "cap on test items per task (a seeded random sample)",
+    "sample_seed": "seed of the caps' samples",
+    "epochs": "epochs per task (MNLI trains twice as many in orders 4-6)",
+    "batch_size": "training batch size per process",
+    "grad_accum": "gradient accumulation steps",
+    "eval_batch_size": "generation batch size",
+    "target_modules": "comma-separated LoRA target modules (default: the model's query and value projections)",
+    "max_prompt_tokens": "longer prompts lose tokens from the middle of their sentence",
+    "precision": "mixed precision: no, bf16 or fp16",
+    "eval_all": "evaluate every task after each stage, not only the seen ones (gives FWT)",
+    "zero_shot": "evaluate the untouched base model first (the zero-shot row, gives FWT)",
+}
+_SHORT = {"method_options": ["-o", "--method-option"]}
+
+
+def _run_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("run", help="run a continual method over a task order",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        flags = _SHORT.get(f.name, [f"--{f.name.replace('_', '-')}"])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        hint, help_text = hints[f.name], _HELP.get(f.name, " ")
+        if hint is bool:
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
+        elif f.name == "method_options":
+            parser.add_argument(*flags, dest=f.name, action="append", default=[], metavar="KEY=VALUE", help=help_text)
+        elif f.name == "target_modules":
+            parser.add_argument(*flags, dest=f.name, type=lambda s: [m for m in s.split(",") if m], help=help_text)
+        else:
+            kind = next((t for t in (int, float) if t in typing.get_args(hint) or t is hint), str)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text)
+    parser.add_argument("--output", help="run directory (default: runs/<method>-<order>)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in --output after its last finished stage")
+    group.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clora", description="Continual low-rank fine-tuning of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    sub.add_parser("methods", help="list the methods and their options")
+    tasks = sub.add_parser("tasks", help="list the benchmark's tasks and orders")
+    tasks.add_argument("--data-dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "methods":
+            return _methods()
+        return _tasks(args.data_dir)
+    except UserError as exc:
+        print(f"clora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clora: interrupted; finished stages are kept, continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from .continual import run
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    if values["tasks"] is not None and values["order"] == RunConfig.order:
+        values["order"] = None  # --tasks replaces the default order
+    config = RunConfig(**values)
+    output = args.output or f"runs/{config.method}-{config.order or 'custom'}"
+    result = run(config, output, resume=args.resume, overwrite=args.overwrite)
+    m = result["metrics"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    print(f"\n{config.method}: AA {fmt(m['AA'])}  BWT {fmt(m['BWT'])}  FWT {fmt(m['FWT'])}  "
+          f"forgetting {fmt(m['forgetting'])}  ({result['seconds']:.0f} s)  -> {output}/report.md")
+    return 0
+
+
+def _methods() -> int:
+    from .methods import registry
+    from .methods.base import describe_options
+
+    for name, cls in registry().items():
+        options = " ".join(describe_options(cls.Options)) or "(no options)"
+        print(f"{name:14s} {cls.summary}\n{'':14s} options: {options}")
+    return 0
+
+
+def _tasks(data_dir: str | None) -> int:
+    from .benchmark import ORDERS, Benchmark, default_benchmark_dir
+
+    bench = Benchmark(data_dir or default_benchmark_dir())
+    print("tasks: " + ", ".join(bench.task_names()))
+    for name, order in ORDERS.items():
+        print(f"order {name}: {', '.join(order)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The resolved configuration of a run: every option that changes its results. It is written to the
+run directory, and a resumed run must match it exactly."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import UserError
+from .models import DEFAULT_MODEL
+
+
+@dataclass
+class RunConfig:
+    method: str = "seq-lora"
+    method_options: list[str] = field(default_factory=list)  # "key=value", see `clora methods`
+    model: str = DEFAULT_MODEL
+    data_dir: str | None = None  # None: the benchmark shipped with clora
+    order: str | None = "1"
+    tasks: str | None = None  # custom order "a,b,c" (instead of order)
+    train_per_task: int | None = None
+    test_per_task: int | None = None
+    sample_seed: int = 0  # which items a cap keeps
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_batch_size: int = 16
+    lr: float = 1e-3
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_prompt_tokens: int = 512
+    seed: int = 0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_all: bool = False  # evaluate every task after each stage (needed for FWT), not only seen ones
+    zero_shot: bool = False  # evaluate the base model first (the zero-shot row, needed for FWT)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        positive = {"--train-per-task": self.train_per_task, "--test-per-task": self.test_per_task}
+        for option, value in positive.items():
+            if value is not None and value <= 0:
+                raise UserError(f"{option} must be a positive integer, got {value}")
+        for option, value in {"--epochs": self.epochs, "--batch-size": self.batch_size,
+                              "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size,
+                              "--rank": self.rank, "--max-prompt-tokens": self.max_prompt_tokens}.items():
+            if value <= 0:
+                raise UserError(f"{option} must be a positive integer, got {value}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if (self.order is None) == (self.tasks is None):
+            raise UserError("give exactly one of --order and --tasks")
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise UserError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")

@@ -1,0 +1,185 @@
+"""The continual recipe, read top to bottom: load data and model, then for every stage
+`on_task_start` -> train -> `on_task_end` -> evaluate the tasks seen so far -> commit the stage.
+A killed run resumes after its last committed stage with the same results."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.tensorboard import SummaryWriter
+
+from . import report
+from .benchmark import Benchmark, Item, Task, default_benchmark_dir, epochs_for, resolve_tasks
+from .config import RunConfig
+from .encoding import Encoder
+from .evaluation import TaskScore, evaluate_task
+from .methods import Method, Settings, Stage, StageData, build_method
+from .models import load_model
+from .rundir import RunDir
+from .trainer import train_stage
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before training; `clora.run` and the tests share it."""
+    config: RunConfig
+    order_label: str
+    task_names: list[str]
+    tasks: dict[str, Task]
+    method: Method
+    stages: list[Stage]
+
+
+def prepare(config: RunConfig) -> Prepared:
+    config.validate()
+    bench = Benchmark(config.data_dir or default_benchmark_dir())
+    order_label, task_names = resolve_tasks(config.order, config.tasks, bench)
+    tasks = {n: bench.load_task(n, config.train_per_task, config.test_per_task, config.sample_seed) for n in task_names}
+    settings = Settings(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                        target_modules=config.target_modules, lr=config.lr,
+                        weight_decay=config.weight_decay, seed=config.seed)
+    method = build_method(config.method, settings, config.method_options)
+    return Prepared(config, order_label, task_names, tasks, method, method.stages(task_names))
+
+
+def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: bool = False,
+        accelerator: Accelerator | None = None) -> dict:
+    """Run a method over a task order; returns the contents of metrics.json."""
+    p = prepare(config)
+    cfg, method = p.config, p.method
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum)
+    main = accelerator.is_main_process
+    rundir = RunDir.open(output, cfg.to_dict(), resume, overwrite) if main else RunDir(Path(output))
+    accelerator.wait_for_everyone()
+
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.model)
+    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
+    model = method.attach(loaded.model).to(accelerator.device)
+    writer = SummaryWriter(str(rundir.path / "tb")) if main else None
+    log_scalar = writer.add_scalar if writer else None
+
+    zero_shot = _zero_shot(cfg, p, model, encoder, accelerator, rundir) if cfg.zero_shot else None
+    stage_names = [s.name for s in p.stages]
+    records = rundir.completed(stage_names)
+    if records:
+        method.load(model, rundir.stage_dir(len(records) - 1, stage_names[len(records) - 1]))
+        print(f"clora: resuming {rundir.path} after stage {len(records)} of {len(p.stages)}", flush=True)
+
+    def make_loader(items: list[tuple[str, Item]], shuffle_seed: int) -> DataLoader:
+        examples = [encoder.example(p.tasks[name].prompt(item), item.label) for name, item in items]
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        return DataLoader(examples, batch_size=cfg.batch_size, sampler=RandomSampler(examples, generator=generator),
+                          collate_fn=encoder.collate_train)
+
+    for stage in p.stages[len(records):]:
+        started = time.time()
+        # Seeded per stage, so a resumed run draws the same initialisations and batch order.
+        set_seed(cfg.seed + 1000 * (stage.index + 1))
+        shuffle_seed = cfg.seed * 1_000_003 + stage.index
+        own_items = [(name, item) for name in stage.tasks for item in p.tasks[name].train]
+        data = StageData(stage, p.tasks, own_items, encoder, accelerator,
+                         lambda items, s=shuffle_seed: make_loader(items, s))
+        method.on_task_start(model, data)
+        trainable = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
+        epochs = epochs_for(stage.tasks[0], p.order_label, cfg.epochs) if len(stage.tasks) == 1 else cfg.epochs
+        log = train_stage(model, method, data.make_loader(method.training_items(data)), epochs, accelerator,
+                          cfg.max_grad_norm, f"[{stage.index + 1}/{len(p.stages)}] train {stage.name}",
+                          log_scalar, step_offset=10_000 * stage.index)
+        method.on_task_end(model, data, log.optimizer)
+        scores = _evaluate_row(cfg, p, stage, model, encoder, accelerator)
+        record = {"stage": stage.name, "tasks": stage.tasks, "trainable_parameters": trainable,
+                  "train_batches": len(data.make_loader(method.training_items(data))) * epochs,
+                  "optimizer_steps": log.steps, "mean_train_loss": log.mean_loss,
+                  "accuracy": {n: s.accuracy for n, s in scores.items()},
+                  "rouge1": {n: s.rouge1 for n, s in scores.items()},
+                  "seconds": round(time.time() - started, 1)}
+        if main:
+            rundir.commit_stage(stage.index, stage.name, lambda d: _write_stage(d, method, model, scores), record)
+            if writer:
+                for n, s in scores.items():
+                    writer.add_scalar(f"accuracy/{n}", s.accuracy, stage.index + 1)
+        accelerator.wait_for_everyone()
+        records.append(record)
+        _print_row(stage, p, records, accelerator)
+        if main:
+            _write_results(rundir, p, records, zero_shot, final=len(records) == len(p.stages))
+
+    if writer:
+        writer.close()
+    result = json.loads((rundir.path / "metrics.json").read_text())
+    return result
+
+
+def _zero_shot(cfg, p: Prepared, model, encoder, accelerator, rundir: RunDir) -> dict[str, float]:
+    saved = rundir.load_zero_shot()
+    if saved is not None:
+        return saved["accuracy"]
+    with model.disable_adapter():
+        scores = {n: evaluate_task(model, encoder, p.tasks[n], accelerator, cfg.eval_batch_size, f"zero-shot {n}")
+                  for n in p.task_names}
+    record = {"accuracy": {n: s.accuracy for n, s in scores.items()}}
+    if accelerator.is_main_process:
+        rundir.save_zero_shot(record)
+    return record["accuracy"]
+
+
+def _evaluate_row(cfg, p: Prepared, stage: Stage, model, encoder, accelerator) -> dict[str, TaskScore]:
+    seen = {n for s in p.stages[: stage.index + 1] for n in s.tasks}
+    names = [n for n in p.task_names if cfg.eval_all or n in seen]
+    scores = {}
+    for n in names:
+        with p.method.evaluating(model, p.task_names.index(n)):
+            scores[n] = evaluate_task(model, encoder, p.tasks[n], accelerator, cfg.eval_batch_size,
+                                      f"[{stage.index + 1}/{len(p.stages)}] eval {n}")
+    return scores
+
+
+def _write_stage(directory: Path, method: Method, model, scores: dict[str, TaskScore]) -> None:
+    method.save(model, directory)
+    predictions = directory / "predictions"
+    predictions.mkdir()
+    for name, score in scores.items():
+        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in score.predictions)
+        (predictions / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+
+
+def _matrix(p: Prepared, records: list[dict]) -> list[list[float | None]]:
+    return [[r["accuracy"].get(n) for n in p.task_names] for r in records]
+
+
+def _print_row(stage: Stage, p: Prepared, records: list[dict], accelerator) -> None:
+    if accelerator.is_main_process:
+        print(f"\nafter stage {stage.index + 1}/{len(p.stages)} ({stage.name}):", flush=True)
+        print(report.format_matrix_text(p.task_names, _matrix(p, records), [r["stage"] for r in records]), flush=True)
+
+
+def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: dict | None, final: bool) -> None:
+    cfg = p.config
+    R = _matrix(p, records)
+    names = p.task_names
+    if not final:  # only the tasks trained so far, so AA and BWT are over those
+        trained = len({n for r in records for n in r["tasks"]})
+        names, R = names[:trained], [row[:trained] for row in R]
+    Z = [zero_shot[n] for n in names] if zero_shot else None
+    last = records[-1]
+    rouge = [last["rouge1"].get(n) for n in names]
+    status = "complete" if final else f"partial: {len(records)} of {len(p.stages)} stages done"
+    notes = [f"Status: **{status}**.",
+             f"Command options: method `{cfg.method}` {' '.join(cfg.method_options)}, model `{cfg.model}`, "
+             f"order `{p.order_label}`, train/test per task {cfg.train_per_task}/{cfg.test_per_task}, "
+             f"lr {cfg.lr}, rank {cfg.rank}, epochs {cfg.epochs}, batch {cfg.batch_size}x{cfg.grad_accum}, seed {cfg.seed}.",
+             "Trainable parameters per stage: " + ", ".join(f"{r['stage']} {r['trainable_parameters']:,}" for r in records) + "."]
+    if p.method.keeps_old_data:
+        notes.append("This method trains on data of earlier tasks: it is not a data-free continual method.")
+    extra = {"status": status, "method": cfg.method, "order": p.order_label, "stage_names": [r["stage"] for r in records],
+             "trainable_parameters": [r["trainable_parameters"] for r in records],
+             "seconds": sum(r["seconds"] for r in records), "keeps_old_data": p.method.keeps_old_data, "notes": notes}
+    title = f"clora {cfg.method} on order {p.order_label}" + ("" if final else " (PARTIAL)")
+    report.write_results(rundir.path, names, R, Z, extra, rouge, title)

@@ -1,0 +1,96 @@
+"""The run directory: resolved config, one folder per finished stage, results.
+
+A stage folder is written under a temporary name and renamed into place only once complete (its
+`stage.json` last), so a kill mid-write never leaves a stage that looks finished; resume continues
+after the last complete stage.
+
+    config.json                      the resolved RunConfig
+    zero_shot.json                   accuracies of the base model (--zero-shot)
+    stages/01-<task>/adapter/        plain PEFT adapter after the stage
+    stages/01-<task>/predictions/    one JSONL per evaluated task
+    stages/01-<task>/stage.json      the accuracy row, ROUGE-1, trainable parameters, losses, times
+    metrics.json, accuracy_matrix.csv, report.md, accuracy_matrix.png, accuracy_curves.png
+    tb/                              TensorBoard logs
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .atomic import write_json_atomic
+from .errors import UserError
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.stages = self.path / "stages"
+
+    @classmethod
+    def open(cls, path: str | Path, config: dict, resume: bool, overwrite: bool) -> "RunDir":
+        run = cls(Path(path))
+        config_file = run.path / "config.json"
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"output {run.path} exists and is not a directory")
+        holds_something = run.path.is_dir() and any(run.path.iterdir())
+        if holds_something and overwrite:
+            shutil.rmtree(run.path)
+        elif holds_something and resume:
+            if not config_file.is_file():
+                raise UserError(f"cannot resume: {run.path} holds no clora run (no config.json)")
+            previous = json.loads(config_file.read_text())
+            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            if changed:
+                details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                raise UserError(f"cannot resume {run.path}: options differ from the run there ({details})")
+        elif holds_something:
+            what = "a different run" if config_file.is_file() else "other files"
+            raise UserError(f"output {run.path} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        run.path.mkdir(parents=True, exist_ok=True)
+        run._check_writable()
+        if not config_file.is_file():
+            write_json_atomic(config_file, config)
+        for stale in run.stages.glob(".*.tmp") if run.stages.is_dir() else []:
+            shutil.rmtree(stale)
+        return run
+
+    def _check_writable(self) -> None:
+        probe = self.path / ".write-probe.tmp"
+        try:
+            probe.write_bytes(b"x" * 4096)
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"output {self.path} is not writable: {exc.strerror}") from None
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.stages / f"{index + 1:02d}-{name}"
+
+    def completed(self, stage_names: list[str]) -> list[dict]:
+        """stage.json of the finished stages, in order, up to the first unfinished one."""
+        done = []
+        for index, name in enumerate(stage_names):
+            record = self.stage_dir(index, name) / "stage.json"
+            if not record.is_file():
+                break
+            done.append(json.loads(record.read_text()))
+        return done
+
+    def commit_stage(self, index: int, name: str, write: Callable[[Path], None], record: dict) -> Path:
+        final = self.stage_dir(index, name)
+        staging = self.stages / f".{final.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        write_json_atomic(staging / "stage.json", record)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        return final
+
+    def load_zero_shot(self) -> dict | None:
+        path = self.path / "zero_shot.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_zero_shot(self, record: dict) -> None:
+        write_json_atomic(self.path / "zero_shot.json", record)

@@ -1,0 +1,82 @@
+"""Fixtures: tiny randomly-initialised Llama and T5 models saved to disk (so the real loading path
+runs), and a tiny benchmark in the CL_Benchmark layout with short items."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tiny_llama(path: Path) -> None:
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = ByT5Tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _tiny_t5(path: Path) -> None:
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = ByT5Tokenizer()
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    _tiny_llama(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-t5")
+    _tiny_t5(path)
+    return str(path)
+
+
+def write_tiny_benchmark(root: Path, n_train: int = 24, n_test: int = 8) -> Path:
+    """Two tasks a tiny model can learn a little: the answer is readable off the sentence."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "instruction_config.json").write_text(json.dumps(
+        {"TC": [{"instruction_type": "zero-shot", "instruction": "Topic?\n"}]}))
+    specs = {"TC/alpha": ["x", "y"], "COPA/beta": ["A", "B"]}
+    for rel, labels in specs.items():
+        d = root / rel
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "labels.json").write_text(json.dumps(labels))
+        for split, n in (("train", n_train), ("test", n_test)):
+            items = [{"sentence": f"{labels[i % 2]}{i % 3}", "label": labels[i % 2]} for i in range(n)]
+            (d / f"{split}.json").write_text(json.dumps(items))
+    return root
+
+
+@pytest.fixture()
+def tiny_bench(tmp_path) -> Path:
+    return write_tiny_benchmark(tmp_path / "bench")
+
+
+def tiny_config(model: str, bench: Path, method: str = "seq-lora", **overrides):
+    from clora import RunConfig
+
+    values = dict(method=method, model=model, data_dir=str(bench), order=None, tasks="alpha,beta",
+                  batch_size=4, eval_batch_size=8, lr=5e-3, rank=4, seed=0)
+    values.update(overrides)
+    return RunConfig(**values)
