@@ -21,6 +21,7 @@ def _tiny_llama(path: Path) -> None:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                         initializer_range=0.3,  # logits of a 0.02 init cannot leave uniform in a few steps
                          tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -77,6 +78,6 @@ def tiny_config(model: str, bench: Path, method: str = "seq-lora", **overrides):
     from clora import RunConfig
 
     values = dict(method=method, model=model, data_dir=str(bench), order=None, tasks="alpha,beta",
-                  batch_size=4, eval_batch_size=8, lr=5e-3, rank=4, seed=0)
+                  batch_size=4, eval_batch_size=8, lr=2e-2, rank=4, epochs=3, seed=0)
     values.update(overrides)
     return RunConfig(**values)

@@ -150,23 +150,22 @@ def _write_stage(directory: Path, method: Method, model, scores: dict[str, TaskS
         (predictions / f"{name}.jsonl").write_text(lines, encoding="utf-8")
 
 
-def _matrix(p: Prepared, records: list[dict]) -> list[list[float | None]]:
-    return [[r["accuracy"].get(n) for n in p.task_names] for r in records]
+def _matrix(p: Prepared, records: list[dict]) -> tuple[list[str], list[list[float | None]]]:
+    """The tasks trained so far and their accuracy rows: AA and BWT of a partial run are over those."""
+    trained = len({n for r in records for n in r["tasks"]})
+    names = p.task_names[:trained]
+    return names, [[r["accuracy"].get(n) for n in names] for r in records]
 
 
 def _print_row(stage: Stage, p: Prepared, records: list[dict], accelerator) -> None:
     if accelerator.is_main_process:
         print(f"\nafter stage {stage.index + 1}/{len(p.stages)} ({stage.name}):", flush=True)
-        print(report.format_matrix_text(p.task_names, _matrix(p, records), [r["stage"] for r in records]), flush=True)
+        print(report.format_matrix_text(*_matrix(p, records), [r["stage"] for r in records]), flush=True)
 
 
 def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: dict | None, final: bool) -> None:
     cfg = p.config
-    R = _matrix(p, records)
-    names = p.task_names
-    if not final:  # only the tasks trained so far, so AA and BWT are over those
-        trained = len({n for r in records for n in r["tasks"]})
-        names, R = names[:trained], [row[:trained] for row in R]
+    names, R = _matrix(p, records)
     Z = [zero_shot[n] for n in names] if zero_shot else None
     last = records[-1]
     rouge = [last["rouge1"].get(n) for n in names]

@@ -31,6 +31,9 @@ class PerTaskFT(Method):
 
     @contextlib.contextmanager
     def evaluating(self, model, task_index: int):
+        if task_index >= len(self.adapters):  # not trained yet (--eval-all): the current LoRA answers
+            yield
+            return
         current = _snapshot(model)
         lora.set_factors(model, self.adapters[task_index], alpha=self.settings.alpha)
         try:
