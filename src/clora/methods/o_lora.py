@@ -1,0 +1,92 @@
+"""O-LoRA (Wang et al., 2023): a new LoRA per task beside the frozen earlier ones (IncLoRA's
+mechanism), trained with an orthogonality penalty between its A and every earlier task's A:
+
+    L = L_task + lambda1 * sum_old sum |A_old A_new^T| + lambda2 * ||theta_new||_2
+
+The earlier LoRAs live concatenated in the "default" adapter (rank r per task), so one product
+`A_default A_new^T` holds every `A_old A_new^T` block and the elementwise |.| sum over it is the sum
+over old tasks. As in the reference code, the L2 term is the sum over the new LoRA's weight matrices
+of their Frobenius norms (not squared). After each task the new LoRA is folded into "default": a
+plain PEFT LoRA of rank r*t that computes the sum of all task LoRAs.
+
+Growth: the adapter holds r*t*(d_in + d_out) parameters per target module after t tasks, and an
+unmerged forward pays the same extra multiply-adds per token; merged into the base weights
+(`merge_and_unload`) it costs nothing at inference. See docs/methods/baselines.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import lora
+from ..errors import UserError
+from . import register
+from .base import Method, StageData
+
+
+@dataclass
+class OLoRAOptions:
+    lambda1: float = 0.5  # weight of the orthogonality term
+    lambda2: float = 0.0  # weight of the L2 norm of the new LoRA
+
+
+def orthogonality(a_old: torch.Tensor, a_new: torch.Tensor) -> torch.Tensor:
+    """sum |A_old A_new^T| with A_old: r_old x d_in (all earlier tasks stacked), A_new: r x d_in."""
+    return (a_old @ a_new.T).abs().sum()
+
+
+def o_lora_penalty(pairs: list[tuple[torch.Tensor, torch.Tensor]], new_params: list[torch.Tensor],
+                   lambda1: float, lambda2: float) -> torch.Tensor:
+    """lambda1 * sum over layers of sum |A_old A_new^T| + lambda2 * sum of ||W||_2 over the new LoRA's
+    weight matrices W. `pairs` holds (A_old, A_new) per layer; empty on the first task."""
+    total = torch.zeros((), device=new_params[0].device if new_params else "cpu")
+    if lambda1 and pairs:
+        total = total + lambda1 * sum(orthogonality(a_old, a_new) for a_old, a_new in pairs)
+    if lambda2 and new_params:
+        total = total + lambda2 * sum(torch.linalg.norm(p) for p in new_params)
+    return total
+
+
+class OLoRA(Method):
+    name = "o-lora"
+    Options = OLoRAOptions
+    summary = "IncLoRA plus an orthogonality penalty between the new LoRA's A and the old ones (rank grows r per task)"
+
+    def __init__(self, settings, options=None):
+        super().__init__(settings, options)
+        if self.options.lambda1 < 0 or self.options.lambda2 < 0:
+            raise UserError("o-lora options lambda1 and lambda2 must be >= 0")
+
+    def on_task_start(self, model, data: StageData) -> None:
+        if data.stage.index == 0:
+            super().on_task_start(model, data)  # task 1 trains "default"; there is nothing old yet
+        else:
+            lora.start_new_adapter(model, self.lora_config)
+
+    def penalty(self, model) -> torch.Tensor | None:
+        o = self.options
+        pairs, new_params = _old_new_factors(model)
+        if not (o.lambda1 and pairs) and not o.lambda2:
+            return None
+        return o_lora_penalty(pairs, new_params, o.lambda1, o.lambda2)
+
+    def on_task_end(self, model, data: StageData, optimizer) -> None:
+        if data.stage.index > 0:
+            lora.fold_new_adapter(model)
+
+
+def _old_new_factors(model) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """(A_old, A_new) per LoRA layer and the trained LoRA's weights. Before the first fold there is no
+    "new_task" adapter: no pairs, and the trained LoRA is "default"."""
+    pairs, new_params = [], []
+    for layer in lora.lora_layers(model).values():
+        if lora.NEW in layer.lora_A:
+            pairs.append((lora.factors(layer, lora.DEFAULT)[0], lora.factors(layer, lora.NEW)[0]))
+            new_params.extend(lora.factors(layer, lora.NEW))
+        else:
+            new_params.extend(lora.factors(layer, lora.DEFAULT))
+    return pairs, new_params
+
+
+register(OLoRA)

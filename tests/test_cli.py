@@ -1,0 +1,110 @@
+"""Bad input from the command line: one line naming the fault, exit code 2, nothing half-written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clora.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def base_args(bench: Path, out: Path, model: str = "unused-model") -> list[str]:
+    return ["run", "--data-dir", str(bench), "--tasks", "alpha,beta", "--model", model, "--output", str(out)]
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    assert err.startswith("clora: error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    code, err = run_cli(base_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
+    _assert_one_line_error(code, err, "nowhere")
+
+
+def test_malformed_json(tiny_bench, tmp_path, capsys):
+    (tiny_bench / "TC" / "alpha" / "train.json").write_text('[{"sentence": "a", "label": "x"},')
+    code, err = run_cli(base_args(tiny_bench, tmp_path / "out"), capsys)
+    _assert_one_line_error(code, err, "alpha", "train.json")
+
+
+@pytest.mark.parametrize("item, needle", [({"sentence": "a"}, "label"), ({"label": "x"}, "sentence"),
+                                          ({"sentence": "a", "label": "zzz"}, "zzz")])
+def test_bad_item(item, needle, tiny_bench, tmp_path, capsys):
+    (tiny_bench / "TC" / "alpha" / "test.json").write_text(json.dumps([{"sentence": "b", "label": "x"}, item]))
+    code, err = run_cli(base_args(tiny_bench, tmp_path / "out"), capsys)
+    _assert_one_line_error(code, err, "test.json", needle)
+
+
+def test_empty_split(tiny_bench, tmp_path, capsys):
+    (tiny_bench / "COPA" / "beta" / "train.json").write_text("[]")
+    code, err = run_cli(base_args(tiny_bench, tmp_path / "out"), capsys)
+    _assert_one_line_error(code, err, "train.json")
+
+
+def test_missing_split(tiny_bench, tmp_path, capsys):
+    (tiny_bench / "COPA" / "beta" / "test.json").unlink()
+    code, err = run_cli(base_args(tiny_bench, tmp_path / "out"), capsys)
+    _assert_one_line_error(code, err, "test.json")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--tasks", "alpha,gamma"], "gamma"),
+    (["--order", "9"], "9"),
+    (["--method", "nope"], "nope"),
+    (["--train-per-task", "0"], "--train-per-task"),
+    (["--test-per-task", "-3"], "--test-per-task"),
+    (["--lr", "0"], "--lr"),
+    (["-o", "bogus=1"], "bogus"),
+    (["--method", "seq-lora", "-o", "noequals"], "noequals"),
+])
+def test_bad_option(extra, needle, tiny_bench, tmp_path, capsys):
+    args = base_args(tiny_bench, tmp_path / "out")
+    if "--order" in extra:
+        i = args.index("--tasks")
+        del args[i:i + 2]
+    code, err = run_cli(args + extra, capsys)
+    _assert_one_line_error(code, err, needle)
+
+
+def test_unknown_model_path(tiny_bench, tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    code, err = run_cli(base_args(tiny_bench, tmp_path / "out", str(tmp_path / "empty-model")), capsys)
+    _assert_one_line_error(code, err, "config.json")
+
+
+def test_output_holding_another_run_is_refused(tiny_bench, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"method": "seq-lora"}))
+    (out / "metrics.json").write_text("{}")
+    code, err = run_cli(base_args(tiny_bench, out, tiny_llama), capsys)
+    _assert_one_line_error(code, err, str(out), "--resume", "--overwrite")
+    code, err = run_cli(base_args(tiny_bench, out, tiny_llama) + ["--resume"], capsys)
+    _assert_one_line_error(code, err, "options differ")
+    assert (out / "metrics.json").read_text() == "{}"  # nothing was touched
+
+
+def test_cli_runs_end_to_end_as_a_process(tiny_bench, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "clora.cli", *base_args(tiny_bench, out, tiny_llama),
+                           "--lr", "0.02", "--rank", "4", "--batch-size", "4", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "AA" in proc.stdout and "BWT" in proc.stdout
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+    # Rerunning into the same directory without a flag is refused with one line.
+    again = subprocess.run([sys.executable, "-m", "clora.cli", *base_args(tiny_bench, out, tiny_llama)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
