@@ -32,11 +32,14 @@ _HELP = {
 _SHORT = {"method_options": ["-o", "--method-option"]}
 
 
-def _run_parser(sub) -> argparse.ArgumentParser:
-    parser = sub.add_parser("run", help="run a continual method over a task order",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+_GRID_FIELDS = {"method", "order", "tasks", "seed"}  # `clora compare` takes these as lists
+
+
+def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
         flags = _SHORT.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         hint, help_text = hints[f.name], _HELP.get(f.name, " ")
@@ -49,17 +52,35 @@ def _run_parser(sub) -> argparse.ArgumentParser:
         else:
             kind = next((t for t in (int, float) if t in typing.get_args(hint) or t is hint), str)
             parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text)
+
+
+def _run_parser(sub) -> None:
+    parser = sub.add_parser("run", help="run a continual method over a task order",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(parser)
     parser.add_argument("--output", help="run directory (default: runs/<method>-<order>)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --output after its last finished stage")
     group.add_argument("--overwrite", action="store_true", help="replace what --output holds")
-    return parser
+
+
+def _compare_parser(sub) -> None:
+    parser = sub.add_parser("compare", help="methods x orders x seeds, one table and one plot (resumable)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--methods", required=True, help="comma-separated methods")
+    parser.add_argument("--orders", default="1", help="comma-separated task orders")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--for", dest="per_method", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
+                        help="per-method override of a run option (e.g. lr=1e-4) or a method option (repeatable)")
+    parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
+    _add_config_options(parser, skip=_GRID_FIELDS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clora", description="Continual low-rank fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _compare_parser(sub)
     sub.add_parser("methods", help="list the methods and their options")
     tasks = sub.add_parser("tasks", help="list the benchmark's tasks and orders")
     tasks.add_argument("--data-dir")
@@ -67,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "compare":
+            return _compare(args, argv)
         if args.command == "methods":
             return _methods()
         return _tasks(args.data_dir)
@@ -92,6 +115,35 @@ def _run(args) -> int:
     print(f"\n{config.method}: AA {fmt(m['AA'])}  BWT {fmt(m['BWT'])}  FWT {fmt(m['FWT'])}  "
           f"forgetting {fmt(m['forgetting'])}  ({result['seconds']:.0f} s)  -> {output}/report.md")
     return 0
+
+
+def _compare(args, argv: list[str] | None) -> int:
+    import shlex
+    from pathlib import Path
+
+    from . import compare
+    from .continual import run
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in _GRID_FIELDS}
+    base = RunConfig(**values, tasks=None)
+    methods = [m for m in args.methods.split(",") if m]
+    orders = [o for o in args.orders.split(",") if o]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    per_method: dict[str, list[str]] = {}
+    for method, pair in args.per_method:
+        per_method.setdefault(method, []).append(pair)
+    grid = compare.expand(base, methods, orders, seeds, per_method)
+    for _, _, _, config in grid:  # fail on a bad option before hours of work, not in the middle
+        config.validate()
+    output = Path(args.output)
+    results = compare.run_grid(grid, output, run)
+    command = "clora " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    rows = compare.write_summary(output, results, command)
+    print((output / "summary.md").read_text())
+    return 0 if rows else 1
 
 
 def _methods() -> int:

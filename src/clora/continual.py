@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from . import report
+from .atomic import write_json_atomic
 from .benchmark import Benchmark, Item, Task, default_benchmark_dir, epochs_for, resolve_tasks
 from .config import RunConfig
 from .encoding import Encoder
@@ -49,8 +50,9 @@ def prepare(config: RunConfig) -> Prepared:
 
 
 def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: bool = False,
-        accelerator: Accelerator | None = None) -> dict:
-    """Run a method over a task order; returns the contents of metrics.json."""
+        accelerator: Accelerator | None = None, shared_zero_shot: Path | None = None) -> dict:
+    """Run a method over a task order; returns the contents of metrics.json. `shared_zero_shot`: a
+    file holding the zero-shot row of the same model, tasks and caps (reused, or written once)."""
     p = prepare(config)
     cfg, method = p.config, p.method
     accelerator = accelerator or Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum)
@@ -65,7 +67,7 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     writer = SummaryWriter(str(rundir.path / "tb")) if main else None
     log_scalar = writer.add_scalar if writer else None
 
-    zero_shot = _zero_shot(cfg, p, model, encoder, accelerator, rundir) if cfg.zero_shot else None
+    zero_shot = _zero_shot(cfg, p, model, encoder, accelerator, rundir, shared_zero_shot) if cfg.zero_shot else None
     stage_names = [s.name for s in p.stages]
     records = rundir.completed(stage_names)
     if records:
@@ -117,9 +119,13 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     return result
 
 
-def _zero_shot(cfg, p: Prepared, model, encoder, accelerator, rundir: RunDir) -> dict[str, float]:
+def _zero_shot(cfg, p: Prepared, model, encoder, accelerator, rundir: RunDir, shared: Path | None) -> dict[str, float]:
     saved = rundir.load_zero_shot()
+    if saved is None and shared is not None and shared.is_file():
+        saved = json.loads(shared.read_text())
     if saved is not None:
+        if accelerator.is_main_process:
+            rundir.save_zero_shot(saved)
         return saved["accuracy"]
     with model.disable_adapter():
         scores = {n: evaluate_task(model, encoder, p.tasks[n], accelerator, cfg.eval_batch_size, f"zero-shot {n}")
@@ -127,6 +133,8 @@ def _zero_shot(cfg, p: Prepared, model, encoder, accelerator, rundir: RunDir) ->
     record = {"accuracy": {n: s.accuracy for n, s in scores.items()}}
     if accelerator.is_main_process:
         rundir.save_zero_shot(record)
+        if shared is not None:
+            write_json_atomic(shared, record)
     return record["accuracy"]
 
 

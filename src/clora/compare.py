@@ -1,0 +1,150 @@
+"""Several methods x task orders x seeds in one resumable invocation, summarised in one table and one
+plot. Every run is an ordinary run directory (`<output>/<method>/order<o>-seed<s>/`), so a killed
+comparison continues where it stopped; the zero-shot row is computed once per order and seed and
+shared, since it does not depend on the method."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from .config import RunConfig
+from .errors import UserError
+
+METRICS = ["AA", "BWT", "FWT", "forgetting", "learning_accuracy"]
+
+
+def expand(base: RunConfig, methods: list[str], orders: list[str], seeds: list[int],
+           per_method: dict[str, list[str]]) -> list[tuple[str, str, int, RunConfig]]:
+    """The grid of runs; `per_method[m]` holds "key=value" overrides of a RunConfig field or, for any
+    other key, a method option."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = set(per_method) - set(methods)
+    if unknown:
+        raise UserError(f"--for names methods not in --methods: {', '.join(sorted(unknown))}")
+    grid = []
+    for method in methods:
+        overrides, options = {}, list(base.method_options)
+        for pair in per_method.get(method, []):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UserError(f"--for {method} {pair!r} is not key=value")
+            if key.replace("-", "_") in fields:
+                overrides[key.replace("-", "_")] = _typed(fields[key.replace("-", "_")], value, method)
+            else:
+                options.append(pair)
+        for order in orders:
+            for seed in seeds:
+                # "a+b+c" is a custom order, so a comparison can run on one's own tasks too.
+                tasks = order.replace("+", ",") if "+" in order else None
+                grid.append((method, order, seed, dataclasses.replace(
+                    base, method=method, order=None if tasks else order, tasks=tasks, seed=seed,
+                    method_options=options, **overrides)))
+    return grid
+
+
+def _typed(field: dataclasses.Field, raw: str, method: str):
+    default = field.default if field.default is not dataclasses.MISSING else None
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, (int, float)):
+            return type(default)(raw)
+        if field.name == "target_modules":
+            return [m for m in raw.split(",") if m]
+        return raw
+    except ValueError:
+        raise UserError(f"--for {method} {field.name}={raw!r}: not a {type(default).__name__}") from None
+
+
+def run_grid(grid, output: Path, run_one) -> list[dict]:
+    results = []
+    for i, (method, order, seed, config) in enumerate(grid, 1):
+        run_dir = output / method / f"order{order}-seed{seed}"
+        print(f"\nclora compare: [{i}/{len(grid)}] {method}, order {order}, seed {seed} -> {run_dir}", flush=True)
+        result = run_one(config, run_dir, resume=(run_dir / "config.json").is_file(),
+                         shared_zero_shot=output / "zero_shot" / f"order{order}-seed{seed}.json")
+        results.append({"method": method, "order": order, "seed": seed, "run_dir": str(run_dir), **result})
+    return results
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        row = {"method": method, "runs": len(runs), "keeps_old_data": runs[0].get("keeps_old_data", False),
+               "seconds": sum(r.get("seconds", 0) for r in runs)}
+        for metric in METRICS:
+            values = [r["metrics"][metric] for r in runs if r["metrics"].get(metric) is not None]
+            row[metric] = statistics.fmean(values) if values else None
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, metric: str) -> str:
+    mean, std = row[metric], row[f"{metric}_std"]
+    if mean is None:
+        return "—"
+    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+
+
+def write_summary(output: Path, results: list[dict], command: str) -> list[dict]:
+    rows = summarize(results)
+    header = "| method | runs | AA | BWT | FWT | forgetting | learning acc. | time (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    body = "".join(
+        f"| {r['method']}{' (keeps old data)' if r['keeps_old_data'] else ''} | {r['runs']} | "
+        + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['seconds'] / 60:.0f} |\n" for r in rows)
+    orders = sorted({r["order"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; "
+            "mean ± std over orders and seeds (std only where there are several runs).\n\n"
+            + header + body + f"\nMade by:\n\n```\n{command}\n```\n")
+    write_text_atomic(output / "summary.md", text)
+    csv = "method,runs," + ",".join(f"{m},{m}_std" for m in METRICS) + ",seconds\n" + "".join(
+        f"{r['method']},{r['runs']}," + ",".join(f"{_num(r[m])},{_num(r[m + '_std'])}" for m in METRICS)
+        + f",{r['seconds']:.0f}\n" for r in rows)
+    write_text_atomic(output / "summary.csv", csv)
+    write_json_atomic(output / "summary.json", {"summary": rows, "runs": [
+        {k: r[k] for k in ("method", "order", "seed", "run_dir", "metrics", "accuracy_matrix", "tasks")} for r in results]})
+    _plot(output / "summary.png", rows, results)
+    return rows
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _plot(path: Path, rows: list[dict], results: list[dict]) -> None:
+    first = {}
+    for r in results:
+        first.setdefault(r["method"], r)
+    n = len(rows)
+    fig = Figure(figsize=(4 + 3.2 * n, 7.5), layout="constrained")
+    grid = fig.add_gridspec(2, max(n, 2))
+    for col, (metric, label) in enumerate([("AA", "AA (%)"), ("BWT", "BWT (points)")]):
+        ax = fig.add_subplot(grid[0, col * max(n, 2) // 2:(col + 1) * max(n, 2) // 2])
+        names = [r["method"] for r in rows]
+        means = [r[metric] if r[metric] is not None else 0.0 for r in rows]
+        errs = [r[f"{metric}_std"] or 0.0 for r in rows]
+        ax.bar(names, means, yerr=errs, capsize=4, color="tab:blue" if metric == "AA" else "tab:red")
+        ax.set_ylabel(label)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.tick_params(axis="x", rotation=30)
+    for i, row in enumerate(rows):
+        r = first[row["method"]]
+        ax = fig.add_subplot(grid[1, i])
+        matrix = [[float("nan") if v is None else v for v in line] for line in r["accuracy_matrix"]]
+        ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+        for (y, line) in enumerate(matrix):
+            for (x, v) in enumerate(line):
+                if v == v:
+                    ax.text(x, y, f"{v:.0f}", ha="center", va="center", color="white", fontsize=7)
+        ax.set_title(f"{row['method']} (order {r['order']})", fontsize=9)
+        ax.set_xticks(range(len(r["tasks"])), r["tasks"], rotation=90, fontsize=7)
+        ax.set_yticks([])
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

@@ -1,0 +1,77 @@
+"""GaLore baseline: sequential fine-tuning of chosen full-rank matrices (default: the decoder-only MLP
+gate projection, T5's decoder cross-attention q and v), their gradients handled in a rank-k subspace
+refreshed every T steps (galore-torch's projector), Adam in that subspace, the update scaled by alpha.
+Nothing protects earlier tasks.
+
+The "default" LoRA stays attached but frozen with B = 0, so it computes nothing; it keeps every
+stage's artefact the same shape as the other methods' (a plain PEFT adapter) plus the full-weight
+deltas (`full_deltas.safetensors`), which `clora.full_weights.load_stage_model` reapplies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import lora
+from ..errors import UserError
+from ..full_weights import FullWeights, default_pattern
+from ..projection import GaLoreProjection, ProjectedOptimizer
+from . import register
+from .base import Method, StageData
+
+
+@dataclass
+class GaLoreOptions:
+    full_pattern: str = "auto"  # regex over module names; auto: decoder-only mlp.gate_proj, T5 decoder cross-attn q|v
+    rank: int = 8  # rank k of the gradient subspace (not the LoRA rank)
+    update_gap: int = 10  # steps T between refreshes of the subspace
+    scale: float = 1.0  # alpha: the update is multiplied by it
+    full_lr: float = 1e-5  # learning rate of the full-rank matrices
+
+    def validate(self, method: str) -> None:
+        if self.rank <= 0 or self.update_gap <= 0:
+            raise UserError(f"{method} options rank and update_gap must be positive integers")
+        if self.scale <= 0 or self.full_lr <= 0:
+            raise UserError(f"{method} options scale and full_lr must be positive")
+
+
+class GaLore(Method):
+    name = "galore"
+    Options = GaLoreOptions
+    summary = "sequential full-rank fine-tuning of chosen matrices in a GaLore low-rank gradient subspace"
+
+    def __init__(self, settings, options=None):
+        super().__init__(settings, options)
+        self.options.validate(self.name)
+        self.full: FullWeights | None = None
+
+    def attach(self, model):
+        pattern = default_pattern(model) if self.options.full_pattern == "auto" else self.options.full_pattern
+        self.full = FullWeights(model, pattern)
+        return super().attach(model)
+
+    def on_task_start(self, model, data: StageData) -> None:
+        lora.freeze_all_but(model, self.full.parameters())
+
+    def make_optimizer(self, model) -> torch.optim.Optimizer:
+        o = self.options
+        params = self.full.parameters()
+        group = {"params": params, "lr": o.full_lr,
+                 "projections": [GaLoreProjection(o.rank, o.update_gap, o.scale) for _ in params]}
+        return ProjectedOptimizer([group], torch.optim.AdamW, lr=o.full_lr, weight_decay=self.settings.weight_decay)
+
+    def on_task_end(self, model, data: StageData, optimizer) -> None:
+        self.full.commit()
+
+    def save(self, model, directory: Path) -> None:
+        super().save(model, directory)
+        self.full.save(directory)
+
+    def load(self, model, directory: Path) -> None:
+        super().load(model, directory)
+        self.full.load(directory)
+
+
+register(GaLore)

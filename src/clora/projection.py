@@ -1,0 +1,255 @@
+"""Gradient projections for GaLore and GORP, and one optimizer wrapper that applies them to any
+`torch.optim` optimizer.
+
+A `Projection` maps a parameter's gradient into the space the optimizer works in (`project`) and
+the optimizer's update back to the parameter (`project_back`):
+
+    Projection                   identity (the base class)
+    OrthogonalProjection(S)      removes the shared space S on the input side: G - G S S^T
+    GaLoreProjection             rank-k gradient subspace, refreshed every T steps (galore-torch's
+                                 GaLoreProjector), update scaled by alpha
+    OrthogonalGaLoreProjection   both: S removed first, then the rank-k subspace of what is left
+
+`ProjectedOptimizer(groups, torch.optim.AdamW)` keeps, for every projected parameter, a zero
+"shadow" tensor of the projected shape. Each step it hands the inner optimizer the projected
+gradient on the shadow, lets it step (so moments live at the low-rank shape, which is GaLore's
+memory saving), and adds the shadow's update, projected back, to the real parameter. Nothing here
+names Adam except `first_moment`, which reads Adam's `exp_avg` back in the full parameter space
+(GORP builds its shared space from it).
+
+The shared space S of a weight W (d_out x d_in) is an orthonormal d_in x s basis of input directions.
+Removing it from both the gradient and the update keeps W's action on span(S) exactly unchanged:
+(W + dW) S = W S whenever dW S = 0.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from galore_torch.galore_projector import GaLoreProjector
+
+
+def remove_space(matrix: torch.Tensor, space: torch.Tensor | None) -> torch.Tensor:
+    """matrix - matrix S S^T: the component of every row orthogonal to span(S)."""
+    if space is None or space.shape[1] == 0:
+        return matrix
+    s = space.to(matrix.dtype)
+    return matrix - (matrix @ s) @ s.T
+
+
+def grow_space(space: torch.Tensor | None, moment: torch.Tensor, epsilon: float) -> torch.Tensor | None:
+    """Extend the orthonormal basis S (d_in x s) with the leading right singular directions of what S
+    does not yet explain of `moment` (d x d_in), until S covers a fraction `epsilon` of its energy:
+    ||M S_new||^2 >= epsilon ||M||^2. The old columns are kept exactly; returns S unchanged when it
+    already covers enough (or the moment is zero)."""
+    m = moment.detach().to(torch.float64)
+    total = m.square().sum()
+    if total == 0:
+        return space
+    old = None if space is None else space.detach().to(device=m.device, dtype=torch.float64)
+    explained = m.new_zeros(()) if old is None else (m @ old).square().sum()
+    if explained >= epsilon * total:
+        return space
+    residual = remove_space(m, old)
+    _, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
+    reached = explained + torch.cumsum(sigma.square(), 0)
+    count = int(torch.searchsorted(reached, epsilon * total).item()) + 1
+    new = vh[:min(count, vh.shape[0])].T
+    if old is not None:
+        new = remove_space(new.T, old).T  # clean the float error before orthonormalising
+        if old.shape[1] + new.shape[1] > old.shape[0]:
+            new = new[:, :old.shape[0] - old.shape[1]]
+    new, _ = torch.linalg.qr(new)
+    grown = new if old is None else torch.cat([old, new], 1)
+    dtype = moment.dtype if space is None else space.dtype
+    return grown.to(dtype=dtype)
+
+
+def coverage(space: torch.Tensor | None, moment: torch.Tensor) -> float:
+    """||M S||^2 / ||M||^2: the share of the moment's energy that S explains."""
+    m = moment.detach().to(torch.float64)
+    if space is None:
+        return 0.0
+    return float((m @ space.to(torch.float64)).square().sum() / m.square().sum())
+
+
+class Projection:
+    """Identity. Subclasses override `project`, `project_back` and `low_rank_shape`."""
+
+    def low_rank_shape(self, shape: torch.Size) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
+        return grad
+
+    def project_back(self, update: torch.Tensor) -> torch.Tensor:
+        return update
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class OrthogonalProjection(Projection):
+    """Gradient and update both orthogonal to the shared space S on the input side."""
+
+    def __init__(self, space: torch.Tensor | None):
+        self.space = space
+
+    def project(self, grad, step):
+        return remove_space(grad, self.space)
+
+    def project_back(self, update):
+        return remove_space(update, self.space)
+
+
+class GaLoreProjection(Projection):
+    """galore-torch's projector: the top-`rank` singular vectors of the gradient, recomputed every
+    `update_gap` steps; updates projected back and multiplied by `scale`. `proj_type` as in
+    galore-torch ("std" picks the smaller side; "right" always projects the input side)."""
+
+    def __init__(self, rank: int, update_gap: int, scale: float, proj_type: str = "std"):
+        if proj_type not in ("std", "right", "left"):
+            raise ValueError(f"proj_type {proj_type!r}: use std, right or left")
+        self.projector = GaLoreProjector(rank, update_proj_gap=update_gap, scale=scale, proj_type=proj_type)
+
+    def _side(self, shape) -> str:
+        kind = self.projector.proj_type
+        if kind == "std":
+            return "right" if shape[0] >= shape[1] else "left"
+        return kind
+
+    def low_rank_shape(self, shape):
+        rank = min(self.projector.rank, shape[0], shape[1])
+        return (shape[0], rank) if self._side(shape) == "right" else (rank, shape[1])
+
+    def project(self, grad, step):
+        return self.projector.project(grad, step)
+
+    def project_back(self, update):
+        return self.projector.project_back(update)
+
+    def state_dict(self):
+        basis = self.projector.ortho_matrix
+        return {} if basis is None else {"basis": basis}
+
+    def load_state_dict(self, state):
+        self.projector.ortho_matrix = state.get("basis")
+
+
+class OrthogonalGaLoreProjection(GaLoreProjection):
+    """GORP's full-rank projection: S removed from the gradient, then galore-torch's rank-k subspace of
+    the rest. Always on the input side, so that the update (low-rank update @ basis) stays in the
+    basis's row space, orthogonal to S; the final removal only cleans float error."""
+
+    def __init__(self, rank: int, update_gap: int, scale: float, space: torch.Tensor | None):
+        super().__init__(rank, update_gap, scale, proj_type="right")
+        self.space = space
+
+    def project(self, grad, step):
+        return super().project(remove_space(grad, self.space), step)
+
+    def project_back(self, update):
+        return remove_space(super().project_back(update), self.space)
+
+
+class ProjectedOptimizer(torch.optim.Optimizer):
+    """Wrap any torch optimizer so that chosen parameters are optimised through a `Projection`.
+
+    `param_groups` are ordinary groups (their hyperparameters go to the inner optimizer); a group may
+    carry `"projections": [Projection per param]`. `param_groups` of this object hold the real
+    parameters, so gradient clipping, unscaling and zero_grad see them as usual."""
+
+    def __init__(self, param_groups: list[dict], optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+                 **defaults):
+        self.projections: dict[torch.nn.Parameter, Projection] = {}
+        for group in param_groups:
+            projections = group.pop("projections", None)
+            if projections is not None:
+                self.projections.update(zip(group["params"], projections))
+        super().__init__(param_groups, defaults)
+        self._shadow = {p: torch.zeros(proj.low_rank_shape(p.shape), device=p.device, dtype=p.dtype)
+                        for p, proj in self.projections.items()}
+        self._steps = {p: 0 for p in self.projections}
+        inner_groups = []
+        for group in self.param_groups:
+            inner = {k: v for k, v in group.items() if k != "params"}
+            inner["params"] = [self._shadow.get(p, p) for p in group["params"]]
+            inner_groups.append(inner)
+        self.inner = optimizer_cls(inner_groups, **defaults)
+
+    def _sync_hyperparameters(self) -> None:
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            for key, value in outer.items():
+                if key != "params":
+                    inner[key] = value
+            decay = outer.get("weight_decay", 0.0)
+            if decay and any(p in self.projections for p in outer["params"]):
+                # Decoupled decay acts on the real weight; the shadow is zero, so the inner decay is moot.
+                inner["weight_decay"] = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_hyperparameters()
+        stepped: set[int] = set()
+        for p, proj in self.projections.items():
+            shadow = self._shadow[p]
+            if p.grad is None:
+                shadow.grad = None
+                continue
+            shadow.grad = proj.project(p.grad, self._steps[p])
+            stepped.add(id(p))
+        self.inner.step()
+        for group in self.param_groups:
+            decay = group.get("weight_decay", 0.0)
+            for p in group["params"]:
+                if id(p) not in stepped:
+                    continue
+                shadow = self._shadow[p]
+                if decay:
+                    p.mul_(1 - group["lr"] * decay)
+                p.add_(self.projections[p].project_back(shadow))
+                shadow.zero_()
+                shadow.grad = None
+                self._steps[p] += 1
+        return loss
+
+    def first_moment(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """Adam's first moment of `p` in the full parameter space (None if p never stepped)."""
+        state = self.inner.state.get(self._shadow.get(p, p), {})
+        if "exp_avg" not in state:
+            if state:
+                raise TypeError(f"{type(self.inner).__name__} keeps no first moment (exp_avg)")
+            return None
+        moment = state["exp_avg"]
+        if p in self.projections:
+            moment = self.projections[p].project_back(moment)
+        return moment
+
+    # tensors only: the inner optimizer's state plus every projection's basis and step count
+    def state_dict(self):
+        projections = {}
+        for i, (p, proj) in enumerate(self.projections.items()):
+            projections[i] = {"step": torch.tensor(self._steps[p]), **proj.state_dict()}
+        return {"inner": self.inner.state_dict(), "projections": projections}
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict["inner"])
+        for i, (p, proj) in enumerate(self.projections.items()):
+            saved = dict(state_dict["projections"][i])
+            self._steps[p] = int(saved.pop("step"))
+            proj.load_state_dict(saved)
+
+
+def first_moment(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter) -> torch.Tensor | None:
+    """Adam's first moment of `p` from a `ProjectedOptimizer` or a plain Adam/AdamW."""
+    if isinstance(optimizer, ProjectedOptimizer):
+        return optimizer.first_moment(p)
+    state = optimizer.state.get(p, {})
+    return state.get("exp_avg")

@@ -1,0 +1,287 @@
+"""DEAL: the wrapped factors start as the exact identity, take one SVD per factor per task, feel the
+regulariser, train end to end in every variant, and leave a plain rank-r PEFT LoRA of constant size
+that reloads with the same predictions; a killed DEAL run resumes to the same results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch.nn.utils import parametrize
+
+import clora
+from clora import continual
+from clora.benchmark import Benchmark
+from clora.encoding import Encoder
+from clora.errors import UserError
+from clora.evaluation import evaluate_task
+from clora.methods import Settings, Stage, StageData, build_method
+from clora.methods.deal import ColumnMLP, DEALFactor, DEALOptions, HaarFilter, HeatFilter
+from clora.models import load_model
+from clora.trainer import train_stage
+from conftest import tiny_config
+
+VARIANTS = {"AB": ["factors=AB"], "A": ["factors=A"], "B": ["factors=B"], "wavelet": ["kernel=wavelet"]}
+
+
+def _stage_data(index: int) -> StageData:
+    # on_task_start / on_task_end read only the stage.
+    return StageData(Stage(index, f"task{index}", [f"task{index}"]), {}, [], None, None, None)
+
+
+def _model_after_task1(model_path: str, options: list[str], rank: int = 4):
+    """The tiny model with a LoRA that looks trained (random non-zero A and B) and DEAL's method."""
+    method = build_method("deal", Settings(rank=rank, lr=1e-2), options)
+    model = method.attach(load_model(model_path).model)
+    method.on_task_start(model, _stage_data(0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model, method
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (3, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=batch["input_ids"], labels=batch["labels"]).logits
+        return model(input_ids=batch["input_ids"]).logits
+
+
+# -- the building blocks -------------------------------------------------------------------------
+
+def test_heat_filter_and_mlp_start_as_identity_and_filter_reshapes_singular_values():
+    torch.manual_seed(0)
+    y = torch.randn(6, 40)
+    heat = HeatFilter(y, num_kernels=4)
+    assert torch.equal(heat(y), y)
+    assert torch.equal(ColumnMLP(6, 16, None)(y), torch.zeros_like(y))
+    with torch.no_grad():
+        heat.gains[:, 0] = 0.5  # every kernel's gain on the largest singular value
+    s = torch.linalg.svdvals(y)
+    expected = torch.cat([0.5 * s[:1], s[1:]]).sort(descending=True).values
+    assert torch.allclose(torch.linalg.svdvals(heat(y)), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (5, 7), (7, 4)])
+def test_haar_filter_is_exact_identity_at_start_and_equals_the_direct_transform(shape):
+    import ptwt
+
+    torch.manual_seed(0)
+    y = torch.randn(*shape, dtype=torch.float32)
+    haar = HaarFilter(y)
+    assert torch.equal(haar(y), y)
+    with torch.no_grad():
+        haar.gate.uniform_(0.0, 1.5)
+    approx, details = ptwt.wavedec2(y, "haar", level=1, mode="zero")
+    direct = ptwt.waverec2((approx * haar.gate, details), "haar")[: shape[0], : shape[1]]
+    assert torch.allclose(haar(y), direct, atol=1e-5)
+
+
+def test_options_parse_and_bad_values_are_user_errors():
+    method = build_method("deal", Settings(), ["factors=B", "kernel=wavelet", "num_kernels=3", "lambda1=0.5"])
+    assert method.options == DEALOptions(factors="B", kernel="wavelet", num_kernels=3, lambda1=0.5)
+    for bad in (["factors=C"], ["kernel=gauss"], ["num_kernels=0"], ["lambda2=-1"], ["mlp_hidden=x"]):
+        with pytest.raises(UserError):
+            build_method("deal", Settings(), bad)
+
+
+# -- on the tiny models --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_task_start_reproduces_the_previous_model_and_task_end_leaves_plain_lora(variant, tiny_llama):
+    model, method = _model_after_task1(tiny_llama, VARIANTS[variant])
+    batch = _batch()
+    before = _logits(model, batch)
+    method.on_task_start(model, _stage_data(1))
+    wrapped = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    assert len(wrapped) == 2 * 2 * len(method.options.factors)  # 2 layers x (q, v) x factors
+    # Exact, not only close: every residual Δ is exactly 0 at the start.
+    assert torch.equal(_logits(model, batch), before)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".parametrizations.weight.0." in n for n in trainable)
+
+    method.on_task_end(model, _stage_data(1), None)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all("parametrizations" not in n for n, _ in model.named_parameters())
+    assert torch.allclose(_logits(model, batch), before, atol=1e-5, rtol=1e-5)
+
+
+def test_task_start_reproduces_the_previous_model_on_t5(tiny_t5):
+    model, method = _model_after_task1(tiny_t5, [])
+    batch = _batch()
+    before = _logits(model, batch)
+    method.on_task_start(model, _stage_data(1))
+    assert torch.equal(_logits(model, batch), before)
+
+
+@pytest.mark.parametrize("variant", ["AB", "wavelet"])
+def test_one_decomposition_per_factor_per_task(variant, tiny_llama, monkeypatch):
+    import ptwt
+
+    model, method = _model_after_task1(tiny_llama, VARIANTS[variant])
+    calls = {"svd": 0, "dwt": 0}
+    real_svd, real_dwt = torch.linalg.svd, ptwt.wavedec2
+
+    def counting_svd(*args, **kwargs):
+        calls["svd"] += 1
+        return real_svd(*args, **kwargs)
+
+    def counting_dwt(*args, **kwargs):
+        calls["dwt"] += 1
+        return real_dwt(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    monkeypatch.setattr(ptwt, "wavedec2", counting_dwt)
+    method.on_task_start(model, _stage_data(1))
+    optimizer = method.make_optimizer(model)
+    model.train()
+    for step in range(4):
+        loss = model(**_batch(step)).loss + method.penalty(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    factors = 2 * 2 * 2  # layers x (q, v) x (A, B)
+    assert calls == ({"svd": factors, "dwt": 0} if variant == "AB" else {"svd": 0, "dwt": factors})
+
+
+def _train_task2(tiny_llama, options: list[str]) -> dict[str, torch.Tensor]:
+    """Task 2 through the real trainer (loss + penalty, clipping, AdamW); the filters' parameters."""
+    torch.manual_seed(0)
+    model, method = _model_after_task1(tiny_llama, options)
+    torch.manual_seed(0)
+    method.on_task_start(model, _stage_data(1))
+    batches = [_batch(i) for i in range(4)]
+    train_stage(model, method, batches, 1, Accelerator(cpu=True), 1.0, "test")
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".filter." in n}
+
+
+def test_regulariser_enters_loss_and_gradient_and_moves_the_filter(tiny_llama):
+    model, method = _model_after_task1(tiny_llama, ["lambda1=1.0", "lambda2=0.0"])
+    method.on_task_start(model, _stage_data(1))
+    penalty = method.penalty(model)
+    # gains 1 contribute λ1 · K · r each; centres and widths their |θ|^10.
+    assert penalty.requires_grad and penalty.item() >= 8 * 4 * 4
+    penalty.backward()
+    gains = [p for n, p in model.named_parameters() if n.endswith("filter.gains")]
+    assert all(torch.allclose(g.grad, torch.full_like(g, 10.0)) for g in gains)  # λ1 a |g|^(a-1)
+
+    free = _train_task2(tiny_llama, ["lambda1=0"])
+    held = _train_task2(tiny_llama, ["lambda1=1.0"])
+    assert free.keys() == held.keys()
+    assert any(not torch.allclose(free[n], held[n]) for n in free)
+    mean = {k: torch.stack([v.mean() for n, v in d.items() if n.endswith("gains")]).mean()
+            for k, d in (("free", free), ("held", held))}
+    assert mean["held"] < mean["free"]  # |g|^10 pulls the gains below 1: a low-pass filter
+
+
+def _plain_lora_predictions(model_path: str, adapter_dir: Path, bench: Path, task: str, cfg) -> list[str]:
+    loaded = load_model(model_path)
+    model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
+    task_data = Benchmark(bench).load_task(task)
+    return [p["prediction"] for p in evaluate_task(model, encoder, task_data, Accelerator(cpu=True),
+                                                   cfg.eval_batch_size).predictions]
+
+
+def _deal_parameter_count(model_path: str, options: DEALOptions, rank: int) -> int:
+    """Filter + MLP parameters DEAL trains on a later task, from the LoRA shapes."""
+    method = build_method("deal", Settings(rank=rank), [])
+    model = method.attach(load_model(model_path).model)
+    total = 0
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        factor = "A" if "lora_A" in name else "B"
+        if factor not in options.factors:
+            continue
+        dim = p.shape[0]
+        if options.kernel == "heat":
+            total += options.num_kernels * rank + 2 * options.num_kernels
+        else:
+            total += ((p.shape[0] + 1) // 2) * ((p.shape[1] + 1) // 2)
+        total += 2 * dim * options.mlp_hidden + options.mlp_hidden + dim
+    return total
+
+
+@pytest.mark.parametrize("model_kind,variant", [("llama", "AB"), ("llama", "A"), ("llama", "B"),
+                                                ("llama", "wavelet"), ("t5", "AB")])
+def test_each_variant_trains_and_saves_a_plain_lora_that_reloads(model_kind, variant, tiny_llama, tiny_t5,
+                                                                 tiny_bench, tmp_path):
+    model_path = {"llama": tiny_llama, "t5": tiny_t5}[model_kind]
+    options = VARIANTS[variant] + ["mlp_hidden=16"]
+    cfg = tiny_config(model_path, tiny_bench, "deal", method_options=options, epochs=1)
+    out = tmp_path / "run"
+    result = clora.run(cfg, out)
+    assert result["status"] == "complete"
+    assert all(v is not None for v in result["accuracy_matrix"][-1])
+    plain = sum(v.numel() for v in load_file(str(out / "stages/01-alpha/adapter/adapter_model.safetensors")).values())
+    expected = _deal_parameter_count(model_path, build_method("deal", Settings(), options).options, cfg.rank)
+    assert result["trainable_parameters"] == [plain, expected]
+
+    stage = out / "stages" / "02-beta"
+    state = load_file(str(stage / "adapter" / "adapter_model.safetensors"))
+    assert all("lora_A" in k or "lora_B" in k for k in state) and sum(v.numel() for v in state.values()) == plain
+    for task in result["tasks"]:
+        saved = [json.loads(line)["prediction"] for line in (stage / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        assert _plain_lora_predictions(model_path, stage / "adapter", tiny_bench, task, cfg) == saved
+
+
+def _add_task(bench: Path, name: str, labels: list[str]) -> None:
+    d = bench / "TC" / name
+    d.mkdir(parents=True)
+    (d / "labels.json").write_text(json.dumps(labels))
+    for split, n in (("train", 16), ("test", 8)):
+        items = [{"sentence": f"{labels[i % 2]}{i % 3}", "label": labels[i % 2]} for i in range(n)]
+        (d / f"{split}.json").write_text(json.dumps(items))
+
+
+def test_adapter_size_is_that_of_plain_lora_after_every_task(tiny_llama, tiny_bench, tmp_path):
+    _add_task(tiny_bench, "gamma", ["p", "q"])
+    cfg = tiny_config(tiny_llama, tiny_bench, "deal", tasks="alpha,beta,gamma", epochs=1,
+                      method_options=["mlp_hidden=16"])
+    out = tmp_path / "run"
+    clora.run(cfg, out)
+    adapters = [d / "adapter" for d in sorted((out / "stages").iterdir())]
+    assert len(adapters) == 3
+    shapes = [{k: tuple(v.shape) for k, v in load_file(str(a / "adapter_model.safetensors")).items()} for a in adapters]
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert len({(a / "adapter_model.safetensors").stat().st_size for a in adapters}) == 1
+    assert all(json.loads((a / "adapter_config.json").read_text())["r"] == cfg.rank for a in adapters)
+    weights = [load_file(str(a / "adapter_model.safetensors")) for a in adapters]
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # task 3 trained
+
+
+def test_resume_after_interruption_gives_identical_results(tiny_llama, tiny_bench, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_llama, tiny_bench, "deal", epochs=1, method_options=["mlp_hidden=16"])
+    reference = clora.run(cfg, tmp_path / "reference")
+    calls = {"n": 0}
+    real_train = continual.train_stage
+
+    def dies_in_second_stage(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
+    with pytest.raises(KeyboardInterrupt):
+        clora.run(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(continual, "train_stage", real_train)
+    resumed = clora.run(cfg, tmp_path / "resumed", resume=True)
+    for key in ["accuracy_matrix", "metrics", "trainable_parameters"]:
+        assert resumed[key] == reference[key], key
+    name = "stages/02-beta/adapter/adapter_model.safetensors"
+    assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
