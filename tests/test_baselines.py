@@ -101,7 +101,7 @@ def _reevaluate_with_plain_peft(model_path: str, adapter_dir: Path, bench: Path,
 
 
 def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama, tiny_bench, tmp_path):
-    cfg = tiny_config(tiny_llama, tiny_bench, "o-lora", epochs=2)
+    cfg = tiny_config(tiny_llama, tiny_bench, "o-lora", epochs=1, train_per_task=12)
     out = tmp_path / "run"
     result = clora.run(cfg, out)
     assert result["status"] == "complete"
@@ -222,12 +222,13 @@ def test_replay_buffer_holds_k_items_per_earlier_task_and_none_of_the_current(th
 # -- end to end ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["o-lora", "ewc", "replay"])
-def test_baseline_runs_on_t5(method, tiny_t5, tiny_bench, tmp_path):
-    result = clora.run(tiny_config(tiny_t5, tiny_bench, method, epochs=1), tmp_path / "run")
+def test_o_lora_runs_on_t5(tiny_t5, tiny_bench, tmp_path):
+    """Encoder-decoder end to end (EWC's Fisher pass on T5 is covered by its unit test above)."""
+    out = tmp_path / "run"
+    result = clora.run(tiny_config(tiny_t5, tiny_bench, "o-lora", epochs=1, train_per_task=12), out)
     assert result["status"] == "complete"
     assert len(result["accuracy_matrix"]) == 2 and all(v is not None for v in result["accuracy_matrix"][-1])
-    assert result["keeps_old_data"] == (method == "replay")
+    assert json.loads((out / "stages" / "02-beta" / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
 
 def _predictions(run_dir: Path) -> dict[str, str]:
@@ -236,9 +237,9 @@ def _predictions(run_dir: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("method,options", [("ewc", ["fisher_samples=8"]), ("replay", ["per_task=6"])])
 def test_resume_gives_identical_results(method, options, tiny_llama, tiny_bench, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny_llama, tiny_bench, method, method_options=options, epochs=2)
+    cfg = tiny_config(tiny_llama, tiny_bench, method, method_options=options, epochs=1, train_per_task=12)
     reference = clora.run(cfg, tmp_path / "reference")
-    assert reference["status"] == "complete"
+    assert reference["status"] == "complete" and reference["keeps_old_data"] == (method == "replay")
     state = tmp_path / "reference" / "stages" / "01-alpha" / "method_state.safetensors"
     assert state.is_file(), "the stage-1 state is what the resumed stage 2 needs"
     if method == "replay":
@@ -261,6 +262,9 @@ def test_resume_gives_identical_results(method, options, tiny_llama, tiny_bench,
     for key in ["accuracy_matrix", "metrics", "rouge1_last_row", "trainable_parameters"]:
         assert resumed[key] == reference[key], key
     assert _predictions(tmp_path / "resumed") == _predictions(tmp_path / "reference")
-    a = (tmp_path / "resumed" / "stages" / "02-beta" / "adapter" / "adapter_model.safetensors").read_bytes()
-    b = (tmp_path / "reference" / "stages" / "02-beta" / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert a == b
+    # The stage-2 state includes what stage 1 left (EWC: the summed Fisher; Replay: alpha's indices),
+    # so equal bytes mean the resumed run loaded it.
+    for name in ["adapter/adapter_model.safetensors", "method_state.safetensors"]:
+        a = (tmp_path / "resumed" / "stages" / "02-beta" / name).read_bytes()
+        b = (tmp_path / "reference" / "stages" / "02-beta" / name).read_bytes()
+        assert a == b, name

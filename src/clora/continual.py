@@ -55,7 +55,9 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     file holding the zero-shot row of the same model, tasks and caps (reused, or written once)."""
     p = prepare(config)
     cfg, method = p.config, p.method
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True when there is no GPU: only then does Accelerate form a multi-process CPU (gloo) group.
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision,
+                                             gradient_accumulation_steps=cfg.grad_accum)
     main = accelerator.is_main_process
     rundir = RunDir.open(output, cfg.to_dict(), resume, overwrite) if main else RunDir(Path(output))
     accelerator.wait_for_everyone()

@@ -29,6 +29,9 @@ import torch
 from galore_torch.galore_projector import GaLoreProjector
 
 
+_TOLERANCE = 1e-6
+
+
 def remove_space(matrix: torch.Tensor, space: torch.Tensor | None) -> torch.Tensor:
     """matrix - matrix S S^T: the component of every row orthogonal to span(S)."""
     if space is None or space.shape[1] == 0:
@@ -40,7 +43,7 @@ def remove_space(matrix: torch.Tensor, space: torch.Tensor | None) -> torch.Tens
 def grow_space(space: torch.Tensor | None, moment: torch.Tensor, epsilon: float) -> torch.Tensor | None:
     """Extend the orthonormal basis S (d_in x s) with the leading right singular directions of what S
     does not yet explain of `moment` (d x d_in), until S covers a fraction `epsilon` of its energy:
-    ||M S_new||^2 >= epsilon ||M||^2. The old columns are kept exactly; returns S unchanged when it
+    ||M S_new||^2 >= (epsilon - 1e-6) ||M||^2. The old columns are kept exactly; returns S unchanged when it
     already covers enough (or the moment is zero)."""
     m = moment.detach().to(torch.float64)
     total = m.square().sum()
@@ -48,12 +51,13 @@ def grow_space(space: torch.Tensor | None, moment: torch.Tensor, epsilon: float)
         return space
     old = None if space is None else space.detach().to(device=m.device, dtype=torch.float64)
     explained = m.new_zeros(()) if old is None else (m @ old).square().sum()
-    if explained >= epsilon * total:
+    target = (epsilon - _TOLERANCE) * total  # S is stored in the moment's dtype: float32 round-off
+    if explained >= target or (old is not None and old.shape[1] >= old.shape[0]):
         return space
     residual = remove_space(m, old)
     _, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
     reached = explained + torch.cumsum(sigma.square(), 0)
-    count = int(torch.searchsorted(reached, epsilon * total).item()) + 1
+    count = int(torch.searchsorted(reached, target).item()) + 1
     new = vh[:min(count, vh.shape[0])].T
     if old is not None:
         new = remove_space(new.T, old).T  # clean the float error before orthonormalising

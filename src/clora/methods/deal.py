@@ -87,18 +87,24 @@ class HaarFilter(nn.Module):
 
 
 class ColumnMLP(nn.Module):
-    """Y ↦ MLP(Y) applied to each column of Y (vectors over Y's output dimension); the output layer
-    starts at zero, so the residual Y + MLP(Y) starts as the identity."""
+    """Y ↦ ρ · MLP(Y / ρ) applied to each column of Y (vectors over Y's output dimension), ρ the RMS of
+    the frozen factor when the task starts (a constant). The scaling lets the MLP see inputs of order 1
+    whatever the factor's scale (a LoRA factor's entries are ~1e-2: unscaled, the first layer's bias
+    would swamp them and the MLP would add nearly the same vector to every column), and makes the
+    learning rate a rate of relative change. The output layer starts at zero: Y + MLP(Y) starts as Y."""
 
-    def __init__(self, dim: int, hidden: int, device):
+    def __init__(self, y: torch.Tensor, hidden: int):
         super().__init__()
-        self.inner = nn.Linear(dim, hidden, device=device)
-        self.outer = nn.Linear(hidden, dim, device=device)
+        rms = y.detach().float().pow(2).mean().sqrt()
+        self.register_buffer("scale", rms if rms > 0 else torch.ones_like(rms))
+        self.inner = nn.Linear(y.shape[0], hidden, device=y.device)
+        self.outer = nn.Linear(hidden, y.shape[0], device=y.device)
         nn.init.zeros_(self.outer.weight)
         nn.init.zeros_(self.outer.bias)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.outer(torch.relu(self.inner(y.T.float()))).T.to(y.dtype)
+        columns = y.T.float() / self.scale
+        return (self.outer(torch.relu(self.inner(columns))).T * self.scale).to(y.dtype)
 
 
 class DEALFactor(nn.Module):
@@ -107,7 +113,7 @@ class DEALFactor(nn.Module):
     def __init__(self, y: torch.Tensor, options: DEALOptions):
         super().__init__()
         self.filter = HeatFilter(y, options.num_kernels) if options.kernel == "heat" else HaarFilter(y)
-        self.update = ColumnMLP(y.shape[0], options.mlp_hidden, y.device)
+        self.update = ColumnMLP(y, options.mlp_hidden)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         filtered = self.filter(y)

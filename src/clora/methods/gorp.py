@@ -17,6 +17,7 @@ method's state (`method_state.safetensors`), the deltas `full_deltas.safetensors
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ class GORP(Method):
     def attach(self, model):
         pattern = default_pattern(model) if self.options.full_pattern == "auto" else self.options.full_pattern
         self.full = FullWeights(model, pattern)
-        return super().attach(model)
+        # A copy: PEFT keeps the config object it is given and folding rewrites its rank, which must not
+        # leak into the config every later task's new LoRA is made from.
+        return lora.attach_lora(model, copy.deepcopy(self.lora_config))
 
     def protected(self, model) -> dict[str, nn.Parameter]:
         """The matrices whose gradients are kept orthogonal to their shared space, by state key."""
@@ -76,7 +79,7 @@ class GORP(Method):
             lora.freeze_all_but(model, lora.adapter_parameters(model) + self.full.parameters())
         else:
             self.adapter = lora.NEW
-            lora.start_new_adapter(model, self.lora_config)
+            lora.start_new_adapter(model, copy.deepcopy(self.lora_config))
             for p in self.full.parameters():
                 p.requires_grad_(True)
         protected = self.protected(model)

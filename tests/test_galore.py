@@ -1,0 +1,156 @@
+"""GaLore baseline and the projected optimizer: the wrapper around any torch optimizer reproduces
+galore-torch's own AdamW; its state is tensors and survives a reload; GaLore trains the chosen
+full-rank matrices on tiny Llama and T5, saves their deltas, and the artefacts reload to the same
+predictions; a resumed run ends identical."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from galore_torch import GaLoreAdamW
+from safetensors.torch import load_file
+
+import clora
+from clora import report
+from clora.benchmark import Benchmark
+from clora.encoding import Encoder
+from clora.evaluation import evaluate_task
+from clora.full_weights import DELTAS_FILE, load_stage_model
+from clora.models import load_model
+from clora.projection import GaLoreProjection, ProjectedOptimizer
+from conftest import tiny_config, write_tiny_benchmark
+
+OPTIONS = ["full_lr=1e-2", "update_gap=2", "rank=4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_on_a_busy_machine():
+    """One thread: on 2 shared cores a 2-thread OpenMP barrier makes a 32-wide matmul ~1000x slower.
+    No PNG plots: they cost seconds per stage and are tested elsewhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(report, "_heatmap", lambda *args, **kwargs: None)
+    patch.setattr(report, "_curves", lambda *args, **kwargs: None)
+    yield
+    patch.undo()
+    torch.set_num_threads(threads)
+
+
+def _matrices() -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(12, 6)), torch.nn.Parameter(torch.randn(5, 9)),
+            torch.nn.Parameter(torch.randn(7))]
+
+
+def _grads(step: int, params) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def _ours(params, rank=3, gap=2, scale=0.5):
+    groups = [{"params": params[:2], "lr": 0.01,
+               "projections": [GaLoreProjection(rank, gap, scale) for _ in params[:2]]},
+              {"params": params[2:], "lr": 0.01}]
+    return ProjectedOptimizer(groups, torch.optim.AdamW, lr=0.01, eps=1e-6, weight_decay=0.0)
+
+
+def test_projected_optimizer_reproduces_galore_torch_adamw():
+    ours_p, theirs_p = _matrices(), _matrices()
+    ours = _ours(ours_p)
+    theirs = GaLoreAdamW([{"params": theirs_p[:2], "rank": 3, "update_proj_gap": 2, "scale": 0.5, "proj_type": "std"},
+                          {"params": theirs_p[2:]}], lr=0.01, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
+    for step in range(5):  # subspace refreshed at steps 0, 2 and 4
+        for params, opt in ((ours_p, ours), (theirs_p, theirs)):
+            for p, g in zip(params, _grads(step, params)):
+                p.grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(ours_p, theirs_p):
+        # torch's AdamW adds eps to sqrt(v_hat), galore-torch's to sqrt(v): equal up to eps
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert ours.inner.state[ours._shadow[ours_p[0]]]["exp_avg"].shape == (12, 3)  # moments at low rank
+    assert ours.inner.state[ours._shadow[ours_p[1]]]["exp_avg"].shape == (3, 9)
+
+
+def test_projected_optimizer_state_is_tensors_and_reloads():
+    params = _matrices()
+    opt = _ours(params)
+    for step in range(3):
+        for p, g in zip(params, _grads(step, params)):
+            p.grad = g
+        opt.step()
+    state = opt.state_dict()
+
+    def leaves(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from leaves(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from leaves(v)
+        else:
+            yield x
+    assert all(isinstance(v, (torch.Tensor, int, float, bool, str, type(None))) for v in leaves(state))
+
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reloaded = _ours(copies)
+    reloaded.load_state_dict(state)
+    for step in range(3, 5):  # step 4 refreshes the subspace: the step counter came back too
+        for group in ((params, opt), (copies, reloaded)):
+            for p, g in zip(group[0], _grads(step, group[0])):
+                p.grad = g
+            group[1].step()
+    for a, b in zip(params, copies):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(params=["llama", "t5"])
+def galore_run(request, tiny_llama, tiny_t5, tmp_path):
+    model = {"llama": tiny_llama, "t5": tiny_t5}[request.param]
+    bench = write_tiny_benchmark(tmp_path / "bench", n_train=12, n_test=4)
+    cfg = tiny_config(model, bench, "galore", epochs=1, method_options=OPTIONS)
+    result = clora.run(cfg, tmp_path / "run")
+    return model, bench, cfg, tmp_path / "run", result
+
+
+def _stages(run: Path) -> list[Path]:
+    return sorted((run / "stages").iterdir())
+
+
+def test_galore_trains_full_matrices_and_reloads_exactly(galore_run):
+    model_path, bench, cfg, run, result = galore_run
+    assert result["status"] == "complete"
+    stages = _stages(run)
+    deltas = [load_file(str(s / DELTAS_FILE)) for s in stages]
+    assert result["trainable_parameters"] == [sum(d.numel() for d in deltas[0].values())] * 2
+    for name in deltas[0]:
+        first, last = deltas[0][name], deltas[1][name]
+        assert first.norm() > 0 and (last - first).norm() > 0
+        assert not torch.allclose(last, last - first)  # task 1's delta is still in the saved one
+    adapter = load_file(str(stages[-1] / "adapter" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)  # the frozen LoRA is a no-op
+
+    loaded = load_model(model_path)
+    model = load_stage_model(loaded.model, stages[-1])
+    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
+    for task, accuracy in zip(result["tasks"], result["accuracy_matrix"][-1]):
+        saved = [json.loads(line) for line in (stages[-1] / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        again = evaluate_task(model, encoder, Benchmark(bench).load_task(task), Accelerator(cpu=True),
+                              cfg.eval_batch_size).predictions
+        assert [p["prediction"] for p in again] == [p["prediction"] for p in saved]
+        assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy
+
+
+def test_galore_resume_gives_identical_results(galore_run, tmp_path):
+    model_path, bench, cfg, run, reference = galore_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run, resumed_dir)
+    shutil.rmtree(_stages(resumed_dir)[-1])
+    resumed = clora.run(cfg, resumed_dir, resume=True)
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert (_stages(resumed_dir)[-1] / DELTAS_FILE).read_bytes() == (_stages(run)[-1] / DELTAS_FILE).read_bytes()
