@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -54,11 +54,11 @@ def tiny_t5(tmp_path_factory) -> str:
 
 
 def write_tiny_benchmark(root: Path, n_train: int = 24, n_test: int = 8) -> Path:
-    """Two tasks a tiny model can learn a little: the answer is readable off the sentence."""
+    """Three tasks a tiny model can learn a little: the answer is readable off the sentence."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "instruction_config.json").write_text(json.dumps(
         {"TC": [{"instruction_type": "zero-shot", "instruction": "Topic?\n"}]}))
-    specs = {"TC/alpha": ["x", "y"], "COPA/beta": ["A", "B"]}
+    specs = {"TC/alpha": ["x", "y"], "COPA/beta": ["A", "B"], "NLI/gamma": ["p", "q"]}
     for rel, labels in specs.items():
         d = root / rel
         d.mkdir(parents=True, exist_ok=True)

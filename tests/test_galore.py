@@ -4,6 +4,7 @@ full-rank matrices on tiny Llama and T5, saves their deltas, and the artefacts r
 predictions; a resumed run ends identical."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from clora.encoding import Encoder
 from clora.evaluation import evaluate_task
 from clora.full_weights import DELTAS_FILE, load_stage_model
 from clora.models import load_model
-from clora.projection import GaLoreProjection, ProjectedOptimizer
+from clora.projection import GaLoreProjection, ProjectedOptimizer, randomized_svd
 from conftest import tiny_config, write_tiny_benchmark
 
 OPTIONS = ["full_lr=1e-2", "update_gap=2", "rank=4"]
@@ -52,9 +53,9 @@ def _grads(step: int, params) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g) for p in params]
 
 
-def _ours(params, rank=3, gap=2, scale=0.5):
+def _ours(params, rank=3, gap=2, scale=0.5, svd="full"):
     groups = [{"params": params[:2], "lr": 0.01,
-               "projections": [GaLoreProjection(rank, gap, scale) for _ in params[:2]]},
+               "projections": [GaLoreProjection(rank, gap, scale, svd=svd) for _ in params[:2]]},
               {"params": params[2:], "lr": 0.01}]
     return ProjectedOptimizer(groups, torch.optim.AdamW, lr=0.01, eps=1e-6, weight_decay=0.0)
 
@@ -77,9 +78,24 @@ def test_projected_optimizer_reproduces_galore_torch_adamw():
     assert ours.inner.state[ours._shadow[ours_p[1]]]["exp_avg"].shape == (3, 9)
 
 
+def test_randomized_svd_finds_the_top_subspace():
+    torch.manual_seed(0)
+    for shape in [(96, 40), (40, 96)]:
+        grad = torch.randn(shape[0], 6) @ torch.diag(torch.linspace(10, 5, 6)) @ torch.randn(6, shape[1])
+        grad += 0.05 * torch.randn(shape)
+        u, s, vh = torch.linalg.svd(grad, full_matrices=False)
+        ru, rs, rvh = randomized_svd(grad, 6)
+        assert torch.allclose(rs, s[:6], rtol=1e-4)
+        assert torch.allclose(torch.linalg.svdvals(vh[:6] @ rvh.T), torch.ones(6), atol=1e-4)
+        assert torch.allclose(torch.linalg.svdvals(u[:, :6].T @ ru), torch.ones(6), atol=1e-4)
+        state = torch.get_rng_state()
+        randomized_svd(grad, 6)
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG stream is untouched
+
+
 def test_projected_optimizer_state_is_tensors_and_reloads():
     params = _matrices()
-    opt = _ours(params)
+    opt = _ours(params, svd="randomized")
     for step in range(3):
         for p, g in zip(params, _grads(step, params)):
             p.grad = g
@@ -97,9 +113,12 @@ def test_projected_optimizer_state_is_tensors_and_reloads():
             yield x
     assert all(isinstance(v, (torch.Tensor, int, float, bool, str, type(None))) for v in leaves(state))
 
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    reloaded = _ours(copies)
-    reloaded.load_state_dict(state)
+    reloaded = _ours(copies, svd="randomized")
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))  # loads without unpickling objects
     for step in range(3, 5):  # step 4 refreshes the subspace: the step counter came back too
         for group in ((params, opt), (copies, reloaded)):
             for p, g in zip(group[0], _grads(step, group[0])):
@@ -154,3 +173,26 @@ def test_galore_resume_gives_identical_results(galore_run, tmp_path):
     resumed = clora.run(cfg, resumed_dir, resume=True)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert (_stages(resumed_dir)[-1] / DELTAS_FILE).read_bytes() == (_stages(run)[-1] / DELTAS_FILE).read_bytes()
+
+
+def test_full_weights_commit_makes_saved_deltas_reproduce_the_weights_exactly(tiny_llama, tmp_path):
+    from clora.full_weights import FullWeights, apply_deltas
+
+    model = load_model(tiny_llama).model
+    full = FullWeights(model, r"mlp\.gate_proj$")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in full.parameters():  # updates of all sizes, some far below the weights' resolution
+            p.add_(torch.randn_like(p) * torch.logspace(-12, 0, p.numel()).reshape(p.shape))
+    full.commit()
+    committed = {name: p.detach().clone() for name, p in full.params.items()}
+    full.save(tmp_path)
+    fresh = load_model(tiny_llama).model
+    apply_deltas(fresh, tmp_path)
+    params = dict(fresh.named_parameters())
+    for name, weight in committed.items():
+        assert torch.equal(params[name], weight), name
+    again = FullWeights(load_model(tiny_llama).model, r"mlp\.gate_proj$")
+    again.load(tmp_path)
+    for name, weight in committed.items():
+        assert torch.equal(again.params[name], weight), name

@@ -160,6 +160,10 @@ def test_grow_space_keeps_old_columns_and_reaches_epsilon():
 def test_bad_options_are_user_errors(tiny_llama):
     with pytest.raises(UserError, match="epsilon"):
         build_method("gorp", Settings(), ["epsilon=1.5"])
+    with pytest.raises(UserError, match="regular expression"):
+        build_method("gorp", Settings(), ["full_pattern=mlp.(gate"])
+    with pytest.raises(UserError, match="svd"):
+        build_method("galore", Settings(), ["svd=exact"])
     method = build_method("gorp", Settings(), ["full_pattern=nothing_matches_this"])
     with pytest.raises(UserError, match="full_pattern"):
         method.attach(load_model(tiny_llama).model)

@@ -5,7 +5,8 @@ stage's PEFT adapter, and reapplied on resume.
 The evaluated model of a stage is exactly `load_stage_model(base_model, stage_dir)`: the base model
 plus the deltas, plus the plain-PEFT adapter. Exactness: floating-point W0 + (W - W0) is not always W,
 so at the end of every stage the live weights are rebuilt as W := W0 + delta (`commit`) before they
-are evaluated; loading does the same addition on the same numbers.
+are evaluated; loading does the same addition on the same numbers. Memory: W0 is kept as a CPU copy
+(in the model's dtype); the deltas are recomputed when saved, not kept.
 """
 from __future__ import annotations
 
@@ -46,13 +47,12 @@ def select_matrices(model: nn.Module, pattern: str) -> dict[str, nn.Parameter]:
 
 
 class FullWeights:
-    """The chosen matrices of one run, their base values W0 (kept on the CPU) and their committed
-    deltas."""
+    """The chosen matrices of one run and their base values W0 (a copy kept on the CPU)."""
 
     def __init__(self, model: nn.Module, pattern: str):
         self.params = select_matrices(model, pattern)
         self.base = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
-        self.deltas: dict[str, torch.Tensor] = {}
+        self._pinned: dict[str, torch.Tensor] = {}  # the rare deltas recomputing would not reproduce
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.params.values())
@@ -62,11 +62,28 @@ class FullWeights:
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Record delta = W - W0 (fp32) and set W := W0 + delta, the exact weights a reload builds."""
+        """Make the live weights exactly what a reload builds: W := W0 + delta with delta = W - W0
+        (fp32), such that recomputing delta from W gives the same delta again. Then `deltas()` need
+        not be kept in memory; the few matrices where rounding will not settle keep theirs."""
+        self._pinned = {}
         for name, p in self.params.items():
-            delta = p.detach().float().cpu() - self.base[name].float()
-            self.deltas[name] = delta
-            p.copy_(_apply(self.base[name], delta).to(p.device))
+            base, weight = self.base[name], p.detach().cpu()
+            for _ in range(4):
+                delta = weight.float() - base.float()
+                rebuilt = _apply(base, delta)
+                if torch.equal(rebuilt, weight):
+                    break
+                weight = rebuilt
+            else:
+                weight = rebuilt
+                self._pinned[name] = delta
+            p.copy_(weight.to(p.device))
+
+    @torch.no_grad()
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """W - W0 (fp32, CPU) of every matrix, as committed."""
+        return {name: self._pinned[name] if name in self._pinned else p.detach().cpu().float() - self.base[name].float()
+                for name, p in self.params.items()}
 
     @torch.no_grad()
     def restore(self, deltas: dict[str, torch.Tensor]) -> None:
@@ -74,14 +91,16 @@ class FullWeights:
         if missing:
             raise UserError(f"saved full-weight deltas lack {missing[0]} (and {len(missing) - 1} more): "
                             "the run was made with another full_pattern or model")
+        self._pinned = {}
         for name, p in self.params.items():
-            self.deltas[name] = deltas[name].float().cpu()
-            p.copy_(_apply(self.base[name], self.deltas[name]).to(p.device))
+            delta = deltas[name].float().cpu()
+            weight = _apply(self.base[name], delta)
+            if not torch.equal(weight.float() - self.base[name].float(), delta):
+                self._pinned[name] = delta
+            p.copy_(weight.to(p.device))
 
     def save(self, directory: Path) -> None:
-        if len(self.deltas) != len(self.params):
-            self.commit()
-        save_file({k: v.contiguous() for k, v in self.deltas.items()}, str(Path(directory) / DELTAS_FILE))
+        save_file({k: v.contiguous() for k, v in self.deltas().items()}, str(Path(directory) / DELTAS_FILE))
 
     def load(self, directory: Path) -> None:
         path = Path(directory) / DELTAS_FILE

@@ -6,6 +6,7 @@ exactly what `save_pretrained` writes and what plain `PeftModel.from_pretrained`
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[st
 
 
 def attach_lora(model, config: LoraConfig) -> PeftModel:
-    return get_peft_model(model, config)
+    # PEFT keeps the config object it is given and set_factors edits it when a rank grows: a copy keeps
+    # the method's own config at the unit rank.
+    return get_peft_model(model, copy.deepcopy(config))
 
 
 def lora_layers(model) -> dict[str, LoraLayer]:
@@ -71,7 +74,7 @@ def freeze_all_but(model, trainable: list[nn.Parameter]) -> None:
 
 def start_new_adapter(model: PeftModel, config: LoraConfig) -> list[nn.Parameter]:
     """Add a fresh LoRA beside the frozen "default" one; both act on the forward pass."""
-    model.add_adapter(NEW, config)
+    model.add_adapter(NEW, copy.deepcopy(config))
     model.base_model.set_adapter([DEFAULT, NEW])
     params = adapter_parameters(model, NEW)
     freeze_all_but(model, params)

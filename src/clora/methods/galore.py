@@ -9,8 +9,10 @@ deltas (`full_deltas.safetensors`), which `clora.full_weights.load_stage_model` 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -29,12 +31,19 @@ class GaLoreOptions:
     update_gap: int = 10  # steps T between refreshes of the subspace
     scale: float = 1.0  # alpha: the update is multiplied by it
     full_lr: float = 1e-5  # learning rate of the full-rank matrices
+    svd: Literal["randomized", "full"] = "randomized"  # top-k by randomized SVD, or galore-torch's full SVD
 
     def validate(self, method: str) -> None:
         if self.rank <= 0 or self.update_gap <= 0:
             raise UserError(f"{method} options rank and update_gap must be positive integers")
         if self.scale <= 0 or self.full_lr <= 0:
             raise UserError(f"{method} options scale and full_lr must be positive")
+        if self.full_pattern != "auto":
+            try:
+                re.compile(self.full_pattern)
+            except re.error as exc:
+                raise UserError(f"{method} option full_pattern {self.full_pattern!r} is not a valid "
+                                f"regular expression: {exc}") from None
 
 
 class GaLore(Method):
@@ -59,7 +68,7 @@ class GaLore(Method):
         o = self.options
         params = self.full.parameters()
         group = {"params": params, "lr": o.full_lr,
-                 "projections": [GaLoreProjection(o.rank, o.update_gap, o.scale) for _ in params]}
+                 "projections": [GaLoreProjection(o.rank, o.update_gap, o.scale, svd=o.svd) for _ in params]}
         return ProjectedOptimizer([group], torch.optim.AdamW, lr=o.full_lr, weight_decay=self.settings.weight_decay)
 
     def on_task_end(self, model, data: StageData, optimizer) -> None:

@@ -105,7 +105,7 @@ class GORP(Method):
             {"params": [protected[k] for k in a_keys], "lr": lr,
              "projections": [OrthogonalProjection(self.spaces[k]) for k in a_keys]},
             {"params": [protected[k] for k in full_keys], "lr": o.full_lr,
-             "projections": [OrthogonalGaLoreProjection(o.rank, o.update_gap, o.scale, self.spaces.get(k))
+             "projections": [OrthogonalGaLoreProjection(o.rank, o.update_gap, o.scale, self.spaces.get(k), o.svd)
                              for k in full_keys]},
         ]
         return ProjectedOptimizer([g for g in groups if g["params"]], torch.optim.AdamW, lr=lr,
