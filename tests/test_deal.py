@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
 import clora
-from clora import continual
+from clora import continual, lora
 from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.errors import UserError
 from clora.evaluation import evaluate_task
 from clora.methods import Settings, Stage, StageData, build_method
-from clora.methods.deal import ColumnMLP, DEALFactor, DEALOptions, HaarFilter, HeatFilter
+from clora.methods.deal import ColumnMLP, DEALOptions, FactorGroup, HaarFilter, HeatFilter
 from clora.models import load_model
 from clora.trainer import train_stage
 from conftest import tiny_config
@@ -66,14 +66,14 @@ def _logits(model, batch) -> torch.Tensor:
 def test_heat_filter_and_mlp_start_as_identity_and_filter_reshapes_singular_values():
     torch.manual_seed(0)
     y = torch.randn(6, 40)
-    heat = HeatFilter(y, num_kernels=4)
-    assert torch.equal(heat(y), y)
-    assert torch.equal(ColumnMLP(y, 16)(y), torch.zeros_like(y))
+    heat = HeatFilter([y], num_kernels=4)
+    assert torch.equal(heat(y[None]), y[None])
+    assert torch.equal(ColumnMLP(y[None], 16)(y[None]), torch.zeros_like(y[None]))
     with torch.no_grad():
-        heat.gains[:, 0] = 0.5  # every kernel's gain on the largest singular value
+        heat.gains[0, :, 0] = 0.5  # every kernel's gain on the largest singular value
     s = torch.linalg.svdvals(y)
     expected = torch.cat([0.5 * s[:1], s[1:]]).sort(descending=True).values
-    assert torch.allclose(torch.linalg.svdvals(heat(y)), expected, rtol=1e-4)
+    assert torch.allclose(torch.linalg.svdvals(heat(y[None])[0]), expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(4, 16), (5, 7), (7, 4)])
@@ -82,13 +82,32 @@ def test_haar_filter_is_exact_identity_at_start_and_equals_the_direct_transform(
 
     torch.manual_seed(0)
     y = torch.randn(*shape, dtype=torch.float32)
-    haar = HaarFilter(y)
-    assert torch.equal(haar(y), y)
+    haar = HaarFilter([y])
+    assert torch.equal(haar(y[None]), y[None])
     with torch.no_grad():
         haar.gate.uniform_(0.0, 1.5)
     approx, details = ptwt.wavedec2(y, "haar", level=1, mode="zero")
-    direct = ptwt.waverec2((approx * haar.gate, details), "haar")[: shape[0], : shape[1]]
-    assert torch.allclose(haar(y), direct, atol=1e-5)
+    direct = ptwt.waverec2((approx * haar.gate[0], details), "haar")[: shape[0], : shape[1]]
+    assert torch.allclose(haar(y[None])[0], direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["heat", "wavelet"])
+def test_a_group_computes_each_factor_as_if_alone(kernel):
+    """Stacking factors of one shape is only batching: factor i's output depends on its own slice."""
+    torch.manual_seed(0)
+    factors = [torch.randn(4, 10) * 0.1 for _ in range(3)]
+    options = DEALOptions(kernel=kernel, mlp_hidden=8)
+    group = FactorGroup(factors, options)
+    with torch.no_grad():
+        for p in group.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    for i, factor in enumerate(factors):
+        alone = FactorGroup([factor], options)
+        with torch.no_grad():
+            for p_alone, p in zip(alone.parameters(), group.parameters()):
+                p_alone.copy_(p[i:i + 1])
+        assert torch.allclose(alone.output()[0], group.output()[i], atol=1e-6)
+    assert not torch.allclose(group.output()[0], factors[0], atol=1e-3)  # the parameters did act
 
 
 def test_options_parse_and_bad_values_are_user_errors():
@@ -109,6 +128,8 @@ def test_task_start_reproduces_the_previous_model_and_task_end_leaves_plain_lora
     method.on_task_start(model, _stage_data(1))
     wrapped = [m for m in model.modules() if parametrize.is_parametrized(m)]
     assert len(wrapped) == 2 * 2 * len(method.options.factors)  # 2 layers x (q, v) x factors
+    # Same-shape factors share one batched group: A's all 4 x 32; B's 32 x 4 (q) and 16 x 4 (v).
+    assert len(method._groups) == {"A": 1, "B": 2}.get(variant, 3)
     # Exact, not only close: every residual Δ is exactly 0 at the start.
     assert torch.equal(_logits(model, batch), before)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -156,6 +177,38 @@ def test_one_decomposition_per_factor_per_task(variant, tiny_llama, monkeypatch)
         optimizer.zero_grad()
     factors = 2 * 2 * 2  # layers x (q, v) x (A, B)
     assert calls == ({"svd": factors, "dwt": 0} if variant == "AB" else {"svd": 0, "dwt": factors})
+
+
+def test_group_cache_follows_each_forward_and_each_parameter_change(tiny_llama):
+    """The batched output is cached per forward: gradient accumulation (two backward passes without a
+    step) must see two fresh graphs, and a step must change the factors PEFT reads."""
+    model, method = _model_after_task1(tiny_llama, [])
+    method.on_task_start(model, _stage_data(1))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(**_batch()).loss.backward()
+    once = [p.grad.clone() for p in params]
+    model(**_batch()).loss.backward()  # would fail on a freed graph if the cache outlived the forward
+    assert all(torch.allclose(p.grad, 2 * g, rtol=1e-4, atol=1e-7) for p, g in zip(params, once))
+    assert any(g.abs().sum() > 0 for g in once)
+
+    layer = next(iter(lora.lora_layers(model).values()))
+    before = layer.lora_B["default"].weight.detach().clone()
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    optimizer.step()
+    after = layer.lora_B["default"].weight.detach().clone()
+    assert not torch.equal(after, before)
+    method.on_task_end(model, _stage_data(1), optimizer)
+    assert torch.equal(layer.lora_B["default"].weight, after)  # materialised = what was trained
+
+
+def test_update_lr_applies_to_later_tasks_only(tiny_llama):
+    method = build_method("deal", Settings(rank=4, lr=2e-3), ["update_lr=1e-4"])
+    model = method.attach(load_model(tiny_llama).model)
+    method.on_task_start(model, _stage_data(0))
+    assert {g["lr"] for g in method.make_optimizer(model).param_groups} == {2e-3}  # task 1: plain LoRA
+    method.on_task_start(model, _stage_data(1))
+    assert {g["lr"] for g in method.make_optimizer(model).param_groups} == {1e-4}
 
 
 def _train_task2(tiny_llama, options: list[str]) -> dict[str, torch.Tensor]:
@@ -236,22 +289,13 @@ def test_each_variant_trains_and_saves_a_plain_lora_that_reloads(model_kind, var
     state = load_file(str(stage / "adapter" / "adapter_model.safetensors"))
     assert all("lora_A" in k or "lora_B" in k for k in state) and sum(v.numel() for v in state.values()) == plain
     for task in result["tasks"]:
-        saved = [json.loads(line)["prediction"] for line in (stage / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        lines = (stage / "predictions" / f"{task}.jsonl").read_text().splitlines()
+        saved = [json.loads(line)["prediction"] for line in lines]
         assert _plain_lora_predictions(model_path, stage / "adapter", tiny_bench, task, cfg) == saved
-
-
-def _add_task(bench: Path, name: str, labels: list[str]) -> None:
-    d = bench / "TC" / name
-    d.mkdir(parents=True)
-    (d / "labels.json").write_text(json.dumps(labels))
-    for split, n in (("train", 16), ("test", 8)):
-        items = [{"sentence": f"{labels[i % 2]}{i % 3}", "label": labels[i % 2]} for i in range(n)]
-        (d / f"{split}.json").write_text(json.dumps(items))
 
 
 def test_three_tasks_keep_plain_lora_size_and_a_killed_run_resumes_identically(tiny_llama, tiny_bench, tmp_path,
                                                                               monkeypatch):
-    _add_task(tiny_bench, "gamma", ["p", "q"])
     cfg = tiny_config(tiny_llama, tiny_bench, "deal", tasks="alpha,beta,gamma", method_options=["mlp_hidden=16"],
                       **SMALL)
     reference = clora.run(cfg, tmp_path / "reference")
@@ -263,7 +307,8 @@ def test_three_tasks_keep_plain_lora_size_and_a_killed_run_resumes_identically(t
     expected = _deal_parameter_count(tiny_llama, DEALOptions(mlp_hidden=16), cfg.rank)
     assert reference["trainable_parameters"] == [plain, expected, expected]
     # Tasks 2 and 3 leave a plain rank-r LoRA of the same tensors and bytes as task 1's.
-    assert [{k: v.shape for k, v in w.items()} for w in weights[1:]] == [{k: v.shape for k, v in weights[0].items()}] * 2
+    shapes = [{k: v.shape for k, v in w.items()} for w in weights]
+    assert shapes[1] == shapes[2] == shapes[0]
     assert len({a.stat().st_size for a in adapters}) == 1
     assert all(json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] == cfg.rank for d in stages)
     assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # task 3 trained
