@@ -53,12 +53,14 @@ def tiny_t5(tmp_path_factory) -> str:
     return str(path)
 
 
-def write_tiny_benchmark(root: Path, n_train: int = 24, n_test: int = 8) -> Path:
-    """Three tasks a tiny model can learn a little: the answer is readable off the sentence."""
+def write_tiny_benchmark(root: Path, n_train: int = 24, n_test: int = 8, third_task: bool = False) -> Path:
+    """Two (or three) tasks a tiny model can learn a little: the answer is readable off the sentence."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "instruction_config.json").write_text(json.dumps(
         {"TC": [{"instruction_type": "zero-shot", "instruction": "Topic?\n"}]}))
-    specs = {"TC/alpha": ["x", "y"], "COPA/beta": ["A", "B"], "NLI/gamma": ["p", "q"]}
+    specs = {"TC/alpha": ["x", "y"], "COPA/beta": ["A", "B"]}
+    if third_task:
+        specs["NLI/gamma"] = ["p", "q"]
     for rel, labels in specs.items():
         d = root / rel
         d.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,11 @@ def write_tiny_benchmark(root: Path, n_train: int = 24, n_test: int = 8) -> Path
 @pytest.fixture()
 def tiny_bench(tmp_path) -> Path:
     return write_tiny_benchmark(tmp_path / "bench")
+
+
+@pytest.fixture()
+def tiny_bench3(tmp_path) -> Path:
+    return write_tiny_benchmark(tmp_path / "bench3", third_task=True)
 
 
 def tiny_config(model: str, bench: Path, method: str = "seq-lora", **overrides):

@@ -294,9 +294,9 @@ def test_each_variant_trains_and_saves_a_plain_lora_that_reloads(model_kind, var
         assert _plain_lora_predictions(model_path, stage / "adapter", tiny_bench, task, cfg) == saved
 
 
-def test_three_tasks_keep_plain_lora_size_and_a_killed_run_resumes_identically(tiny_llama, tiny_bench, tmp_path,
+def test_three_tasks_keep_plain_lora_size_and_a_killed_run_resumes_identically(tiny_llama, tiny_bench3, tmp_path,
                                                                               monkeypatch):
-    cfg = tiny_config(tiny_llama, tiny_bench, "deal", tasks="alpha,beta,gamma", method_options=["mlp_hidden=16"],
+    cfg = tiny_config(tiny_llama, tiny_bench3, "deal", tasks="alpha,beta,gamma", method_options=["mlp_hidden=16"],
                       **SMALL)
     reference = clora.run(cfg, tmp_path / "reference")
     assert reference["status"] == "complete"
@@ -315,7 +315,7 @@ def test_three_tasks_keep_plain_lora_size_and_a_killed_run_resumes_identically(t
     for task in reference["tasks"]:
         saved = [json.loads(line)["prediction"]
                  for line in (stages[-1] / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-        assert _plain_lora_predictions(tiny_llama, stages[-1] / "adapter", tiny_bench, task, cfg) == saved
+        assert _plain_lora_predictions(tiny_llama, stages[-1] / "adapter", tiny_bench3, task, cfg) == saved
 
     calls = {"n": 0}
     real_train = continual.train_stage

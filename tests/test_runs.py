@@ -47,9 +47,9 @@ def test_method_runs_and_writes_results(method, tiny_model, tiny_bench, tmp_path
     assert all(n > 0 for n in result["trainable_parameters"])
 
 
-def test_inc_lora_grows_rank_and_reloads(tiny_llama, tiny_bench, tmp_path):
+def test_inc_lora_grows_rank_and_reloads(tiny_llama, tiny_bench3, tmp_path):
     out = tmp_path / "run"
-    clora.run(tiny_config(tiny_llama, tiny_bench, "inc-lora", epochs=1, tasks="alpha,beta,gamma"), out)
+    clora.run(tiny_config(tiny_llama, tiny_bench3, "inc-lora", epochs=1, tasks="alpha,beta,gamma"), out)
     ranks = [json.loads((d / "adapter" / "adapter_config.json").read_text())["r"]
              for d in sorted((out / "stages").iterdir())]
     assert ranks == [4, 8, 12]  # r per task seen, each new LoRA at the unit rank
