@@ -4,7 +4,6 @@ Replay, whose state is saved between stages)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,11 @@ from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.evaluation import evaluate_task
 from clora.methods import Settings, StageData, build_method
-from clora.methods.ewc import ewc_penalty
+from clora.methods.ewc import estimate_fisher, ewc_penalty
 from clora.methods.o_lora import o_lora_penalty
 from clora.models import load_model
 from conftest import tiny_config
+
 
 # -- O-LoRA ------------------------------------------------------------------------------------
 
@@ -100,20 +100,22 @@ def _reevaluate_with_plain_peft(model_path: str, adapter_dir: Path, bench: Path,
                          cfg.eval_batch_size).predictions
 
 
-def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama, tiny_bench, tmp_path):
-    cfg = tiny_config(tiny_llama, tiny_bench, "o-lora", epochs=1, train_per_task=12)
+def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama, tiny_bench3, tmp_path):
+    cfg = tiny_config(tiny_llama, tiny_bench3, "o-lora", tasks="alpha,beta,gamma", epochs=1, train_per_task=8)
     out = tmp_path / "run"
     result = clora.run(cfg, out)
     assert result["status"] == "complete"
     stage_dirs = sorted((out / "stages").iterdir())
     ranks = [json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] for d in stage_dirs]
-    assert ranks == [cfg.rank, 2 * cfg.rank]
+    assert ranks == [cfg.rank, 2 * cfg.rank, 3 * cfg.rank]
+    assert len(set(result["trainable_parameters"])) == 1, "every task trains one rank-r LoRA"
     for stage_dir, row in zip(stage_dirs, result["accuracy_matrix"]):
         for task, accuracy in zip(result["tasks"], row):
             if accuracy is None:
                 continue
-            saved = [json.loads(line) for line in (stage_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-            again = _reevaluate_with_plain_peft(tiny_llama, stage_dir / "adapter", tiny_bench, task, cfg)
+            lines = (stage_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()
+            saved = [json.loads(line) for line in lines]
+            again = _reevaluate_with_plain_peft(tiny_llama, stage_dir / "adapter", tiny_bench3, task, cfg)
             assert [p["prediction"] for p in again] == [p["prediction"] for p in saved]
             assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy
 
@@ -174,7 +176,29 @@ def test_ewc_penalty_is_zero_at_theta_star_and_quadratic(model_name, tiny_llama,
     assert again.penalty(model).item() == pytest.approx(two, rel=1e-6)
     first = {n: f.clone() for n, f in method.fisher.items()}
     method.on_task_end(model, data[1], None)
-    assert all(torch.all(method.fisher[n] >= first[n]) for n in first)
+    second = estimate_fisher(model, data[1].make_loader(data[1].train_items), 6)
+    assert all(torch.allclose(method.fisher[n], first[n] + second[n]) for n in first)
+
+
+def test_ewc_fisher_is_the_mean_of_per_item_squared_gradients(tiny_llama, tiny_bench):
+    method, model, data = _stages(tiny_llama, tiny_bench, "ewc", [])
+    torch.manual_seed(0)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in named.values():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = next(iter(data[0].make_loader(data[0].train_items)))
+    by_hand = {n: torch.zeros_like(p) for n, p in named.items()}
+    model.eval()
+    for i in range(3):
+        model.zero_grad()
+        model(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()
+        for n, p in named.items():
+            by_hand[n] += p.grad ** 2 / 3
+    model.zero_grad(set_to_none=True)
+    fisher = estimate_fisher(model, data[0].make_loader(data[0].train_items), 3)
+    assert fisher.keys() == by_hand.keys()
+    assert all(torch.allclose(fisher[n], by_hand[n], rtol=1e-4, atol=1e-12) for n in fisher)
 
 
 def test_ewc_penalty_function_by_hand():
@@ -186,14 +210,8 @@ def test_ewc_penalty_function_by_hand():
 # -- Replay ------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def three_task_bench(tiny_bench) -> Path:
-    shutil.copytree(tiny_bench / "TC" / "alpha", tiny_bench / "TC" / "gamma")
-    return tiny_bench
-
-
-def test_replay_buffer_holds_k_items_per_earlier_task_and_none_of_the_current(three_task_bench):
-    method, _, data = _stages(None, three_task_bench, "replay", ["per_task=5"], tasks="alpha,beta,gamma")
+def test_replay_buffer_holds_k_items_per_earlier_task_and_none_of_the_current(tiny_bench3):
+    method, _, data = _stages(None, tiny_bench3, "replay", ["per_task=5"], tasks="alpha,beta,gamma")
     assert method.keeps_old_data
     assert method.training_items(data[0]) == data[0].train_items
     for index, stage_data in enumerate(data):
