@@ -99,7 +99,7 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
         method.on_task_end(model, data, log.optimizer)
         scores = _evaluate_row(cfg, p, stage, model, encoder, accelerator)
         record = {"stage": stage.name, "tasks": stage.tasks, "trainable_parameters": trainable,
-                  "train_batches": len(data.make_loader(method.training_items(data))) * epochs,
+                  "train_batches": log.batches,
                   "optimizer_steps": log.steps, "mean_train_loss": log.mean_loss,
                   "accuracy": {n: s.accuracy for n, s in scores.items()},
                   "rouge1": {n: s.rouge1 for n, s in scores.items()},

@@ -22,6 +22,7 @@ class TrainingDiverged(UserError):
 @dataclass
 class StageLog:
     steps: int
+    batches: int  # on this process
     mean_loss: float
     last_loss: float
     optimizer: torch.optim.Optimizer  # the raw optimizer, for methods that read its state at task end
@@ -69,4 +70,4 @@ def train_stage(model, method: Method, loader, epochs: int, accelerator: Acceler
     accelerator._models.clear()
     accelerator._optimizers.clear()
     accelerator._dataloaders.clear()
-    return StageLog(steps, sum(losses) / max(len(losses), 1), losses[-1] if losses else float("nan"), optimizer)
+    return StageLog(steps, len(losses), sum(losses) / max(len(losses), 1), losses[-1] if losses else float("nan"), optimizer)
