@@ -22,7 +22,7 @@ from clora.evaluation import evaluate_task
 from clora.methods import Settings, Stage, StageData, build_method
 from clora.methods.deal import ColumnMLP, DEALOptions, FactorGroup, HaarFilter, HeatFilter
 from clora.models import load_model
-from clora.trainer import train_stage
+from clora.trainer import TrainOptions, train_stage
 from conftest import tiny_config
 
 VARIANTS = {"AB": ["factors=AB"], "A": ["factors=A"], "B": ["factors=B"], "wavelet": ["kernel=wavelet"]}
@@ -218,7 +218,7 @@ def _train_task2(tiny_llama, options: list[str]) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     method.on_task_start(model, _stage_data(1))
     batches = [_batch(i) for i in range(3)]
-    train_stage(model, method, batches, 1, Accelerator(cpu=True), 1.0, "test")
+    train_stage(model, method, batches, TrainOptions(), Accelerator(cpu=True), "test")
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".filter." in n}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -20,7 +21,7 @@ _HELP = {
     "test_per_task": "cap on test items per task (a seeded random sample)",
     "sample_seed": "seed of the caps' samples",
     "epochs": "epochs per task (MNLI trains twice as many in orders 4-6)",
-    "batch_size": "training batch size per process",
+    "batch_size": "global training batch size (split over the processes)",
     "grad_accum": "gradient accumulation steps",
     "eval_batch_size": "generation batch size",
     "target_modules": "comma-separated LoRA target modules (default: the model's query and value projections)",
@@ -28,6 +29,8 @@ _HELP = {
     "precision": "mixed precision: no, bf16 or fp16",
     "eval_all": "evaluate every task after each stage, not only the seen ones (gives FWT)",
     "zero_shot": "evaluate the untouched base model first (the zero-shot row, gives FWT)",
+    "checkpoint_every": "write a step checkpoint every N optimizer steps (and after a stage's last step); 0: none",
+    "on_nonfinite": "a NaN/inf loss or gradient: stop the stage (keeping the last checkpoint) or skip the batch",
 }
 _SHORT = {"method_options": ["-o", "--method-option"]}
 
@@ -110,6 +113,8 @@ def _run(args) -> int:
     config = RunConfig(**values)
     output = args.output or f"runs/{config.method}-{config.order or 'custom'}"
     result = run(config, output, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # one summary line per run, not one per process
     m = result["metrics"]
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     print(f"\n{config.method}: AA {fmt(m['AA'])}  BWT {fmt(m['BWT'])}  FWT {fmt(m['FWT'])}  "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .errors import UserError
 from .models import DEFAULT_MODEL
@@ -37,6 +37,11 @@ class RunConfig:
     precision: Literal["no", "bf16", "fp16"] = "no"
     eval_all: bool = False  # evaluate every task after each stage (needed for FWT), not only seen ones
     zero_shot: bool = False  # evaluate the base model first (the zero-shot row, needed for FWT)
+    # Run control: how the run is carried out, not what it computes; a resume may change them.
+    checkpoint_every: int = 50  # optimizer steps between step checkpoints inside a stage; 0: none
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the stage, or skips the batch
+
+    RUN_CONTROL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "on_nonfinite"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,5 +62,9 @@ class RunConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if (self.order is None) == (self.tasks is None):
             raise UserError("give exactly one of --order and --tasks")
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise UserError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.precision not in ("no", "bf16", "fp16"):
             raise UserError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")

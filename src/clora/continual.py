@@ -10,20 +10,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from . import report
+from . import faults, report
 from .atomic import write_json_atomic
 from .benchmark import Benchmark, Item, Task, default_benchmark_dir, epochs_for, resolve_tasks
 from .config import RunConfig
 from .encoding import Encoder
+from .errors import UserError
 from .evaluation import TaskScore, evaluate_task
 from .methods import Method, Settings, Stage, StageData, build_method
 from .models import load_model
 from .rundir import RunDir
-from .trainer import train_stage
+from .trainer import TrainOptions, train_stage
 
 
 @dataclass
@@ -55,11 +56,13 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     file holding the zero-shot row of the same model, tasks and caps (reused, or written once)."""
     p = prepare(config)
     cfg, method = p.config, p.method
-    # cpu=True when there is no GPU: only then does Accelerate form a multi-process CPU (gloo) group.
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision,
-                                             gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = accelerator or make_accelerator(cfg)
+    if cfg.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
+                        f"{accelerator.num_processes} processes")
     main = accelerator.is_main_process
-    rundir = RunDir.open(output, cfg.to_dict(), resume, overwrite) if main else RunDir(Path(output))
+    rundir = (RunDir.open(output, cfg.to_dict(), resume, overwrite, RunConfig.RUN_CONTROL, RunConfig().to_dict())
+              if main else RunDir(Path(output)))
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
@@ -92,14 +95,22 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
                          lambda items, s=shuffle_seed: make_loader(items, s))
         method.on_task_start(model, data)
         trainable = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
-        epochs = epochs_for(stage.tasks[0], p.order_label, cfg.epochs) if len(stage.tasks) == 1 else cfg.epochs
-        log = train_stage(model, method, data.make_loader(method.training_items(data)), epochs, accelerator,
-                          cfg.max_grad_norm, f"[{stage.index + 1}/{len(p.stages)}] train {stage.name}",
-                          log_scalar, step_offset=10_000 * stage.index)
+        if main:
+            # Adapter, deltas and a step checkpoint with its optimizer state: a few times the trainable weights.
+            rundir.check_space(16 * trainable + (64 << 20), f"stage {stage.index + 1} ({stage.name})")
+        options = TrainOptions(
+            epochs=epochs_for(stage.tasks[0], p.order_label, cfg.epochs) if len(stage.tasks) == 1 else cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm, on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
+            checkpoint_dir=rundir.in_progress(stage.index, stage.name), is_encoder_decoder=loaded.is_encoder_decoder)
+        log = train_stage(model, method, data.make_loader(method.training_items(data)), options, accelerator,
+                          f"[{stage.index + 1}/{len(p.stages)}] train {stage.name}", log_scalar,
+                          step_offset=10_000 * stage.index)
         method.on_task_end(model, data, log.optimizer)
+        if accelerator.num_processes > 1:
+            _check_ranks_agree(model, method, accelerator, stage.name)
         scores = _evaluate_row(cfg, p, stage, model, encoder, accelerator)
         record = {"stage": stage.name, "tasks": stage.tasks, "trainable_parameters": trainable,
-                  "train_batches": log.batches,
+                  "train_batches": log.batches, "skipped_batches": log.skipped,
                   "optimizer_steps": log.steps, "mean_train_loss": log.mean_loss,
                   "accuracy": {n: s.accuracy for n, s in scores.items()},
                   "rouge1": {n: s.rouge1 for n, s in scores.items()},
@@ -109,16 +120,39 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
             if writer:
                 for n, s in scores.items():
                     writer.add_scalar(f"accuracy/{n}", s.accuracy, stage.index + 1)
+            rundir.drop_in_progress(stage.index, stage.name)
         accelerator.wait_for_everyone()
         records.append(record)
         _print_row(stage, p, records, accelerator)
         if main:
             _write_results(rundir, p, records, zero_shot, final=len(records) == len(p.stages))
 
+    if main and records:  # again: a kill between the last commit and its results must not leave them stale
+        _write_results(rundir, p, records, zero_shot, final=len(records) == len(p.stages))
+    accelerator.wait_for_everyone()
     if writer:
         writer.close()
     result = json.loads((rundir.path / "metrics.json").read_text())
     return result
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    # cpu=True when there is no GPU: only then does Accelerate form a multi-process CPU (gloo) group.
+    # split_batches: --batch-size is the global batch, cut into equal slices per process, so the same
+    # command gives the same optimisation on one process or eight.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision,
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def _check_ranks_agree(model, method: Method, accelerator: Accelerator, stage: str) -> None:
+    """Every process must hold the same adapter, full weights and method state (shared spaces, Fisher,
+    ...) after a stage: they took the same averaged gradients and the same deterministic steps."""
+    tensors = [p for p in model.parameters() if p.requires_grad] + list(method.state_dict().values())
+    fingerprint = [float(t.detach().double().sum()) for t in tensors] + [float(t.detach().double().abs().sum()) for t in tensors]
+    prints = gather_object([fingerprint])
+    if any(other != prints[0] for other in prints[1:]):
+        raise RuntimeError(f"processes disagree on the model or method state after stage {stage}")
 
 
 def _zero_shot(cfg, p: Prepared, model, encoder, accelerator, rundir: RunDir, shared: Path | None) -> dict[str, float]:
@@ -191,4 +225,5 @@ def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: 
              "trainable_parameters": [r["trainable_parameters"] for r in records],
              "seconds": sum(r["seconds"] for r in records), "keeps_old_data": p.method.keeps_old_data, "notes": notes}
     title = f"clora {cfg.method} on order {p.order_label}" + ("" if final else " (PARTIAL)")
+    faults.point("results_write")
     report.write_results(rundir.path, names, R, Z, extra, rouge, title)

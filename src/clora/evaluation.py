@@ -15,6 +15,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from .benchmark import Task, exact_match
+from . import faults
 from .encoding import Encoder
 
 _ROUGE = rouge_scorer.RougeScorer(["rouge1"])
@@ -46,6 +47,7 @@ def generate(model, encoder: Encoder, prompt_ids: list[list[int]], max_new_token
             texts[i] = encoder.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if progress is not None:
             progress.update(len(chunk))
+        faults.point("eval_batch")
     model.train(was_training)
     return [texts[i] for i in range(len(prompt_ids))]
 

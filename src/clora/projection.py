@@ -67,7 +67,9 @@ def grow_space(space: torch.Tensor | None, moment: torch.Tensor, epsilon: float)
     new, _ = torch.linalg.qr(new)
     grown = new if old is None else torch.cat([old, new], 1)
     dtype = moment.dtype if space is None else space.dtype
-    return grown.to(dtype=dtype)
+    # Contiguous, as it is when reloaded: LAPACK's column-major result would make the same products
+    # round differently before and after a resume.
+    return grown.to(dtype=dtype).contiguous()
 
 
 def coverage(space: torch.Tensor | None, moment: torch.Tensor) -> float:
@@ -140,10 +142,12 @@ class _Projector(GaLoreProjector):
         self.svd = svd
 
     def get_orthogonal_matrix(self, weights, rank, type):
+        # Contiguous, as a basis reloaded from a step checkpoint is, so that a resumed stage computes
+        # the same products in the same memory layout and rounds exactly as the uninterrupted one.
         if self.svd == "full" or type not in ("left", "right"):
-            return super().get_orthogonal_matrix(weights, rank, type)
+            return super().get_orthogonal_matrix(weights, rank, type).contiguous()
         u, _, vh = randomized_svd(weights.detach().float(), rank)
-        return (vh if type == "right" else u).to(weights.dtype)
+        return (vh if type == "right" else u).to(weights.dtype).contiguous()
 
 
 SVD_KINDS = ("randomized", "full")

@@ -9,6 +9,7 @@ after the last complete stage.
     stages/01-<task>/adapter/        plain PEFT adapter after the stage
     stages/01-<task>/predictions/    one JSONL per evaluated task
     stages/01-<task>/stage.json      the accuracy row, ROUGE-1, trainable parameters, losses, times
+    in_progress/01-<task>/step-N/    the step checkpoint of the stage being trained (removed at commit)
     metrics.json, accuracy_matrix.csv, report.md, accuracy_matrix.png, accuracy_curves.png
     tb/                              TensorBoard logs
 """
@@ -19,8 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from . import faults
 from .atomic import write_json_atomic
-from .errors import UserError
+from .errors import UserError, guard_disk
 
 
 class RunDir:
@@ -29,7 +31,10 @@ class RunDir:
         self.stages = self.path / "stages"
 
     @classmethod
-    def open(cls, path: str | Path, config: dict, resume: bool, overwrite: bool) -> "RunDir":
+    def open(cls, path: str | Path, config: dict, resume: bool, overwrite: bool,
+             run_control: frozenset[str] = frozenset(), defaults: dict | None = None) -> "RunDir":
+        """`run_control`: options that do not change results (a resume may change them); `defaults`:
+        values of options an older run's config.json predates."""
         run = cls(Path(path))
         config_file = run.path / "config.json"
         if run.path.exists() and not run.path.is_dir():
@@ -40,18 +45,21 @@ class RunDir:
         elif holds_something and resume:
             if not config_file.is_file():
                 raise UserError(f"cannot resume: {run.path} holds no clora run (no config.json)")
-            previous = json.loads(config_file.read_text())
-            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            previous = {**(defaults or {}), **json.loads(config_file.read_text())}
+            changed = sorted(k for k in set(previous) | set(config)
+                             if k not in run_control and previous.get(k) != config.get(k))
             if changed:
                 details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
                 raise UserError(f"cannot resume {run.path}: options differ from the run there ({details})")
         elif holds_something:
             what = "a different run" if config_file.is_file() else "other files"
             raise UserError(f"output {run.path} already holds {what}; pass --resume to continue it or --overwrite to replace it")
-        run.path.mkdir(parents=True, exist_ok=True)
+        with guard_disk(run.path):
+            run.path.mkdir(parents=True, exist_ok=True)
         run._check_writable()
         if not config_file.is_file():
-            write_json_atomic(config_file, config)
+            with guard_disk(config_file):
+                write_json_atomic(config_file, config)
         for stale in run.stages.glob(".*.tmp") if run.stages.is_dir() else []:
             shutil.rmtree(stale)
         return run
@@ -63,6 +71,18 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise UserError(f"output {self.path} is not writable: {exc.strerror}") from None
+
+    def check_space(self, needed: int, what: str) -> None:
+        free = shutil.disk_usage(self.path).free
+        if free < needed:
+            raise UserError(f"not enough disk space in {self.path}: {free >> 20} MB free, {what} needs about "
+                            f"{needed >> 20} MB; free some and rerun with --resume")
+
+    def in_progress(self, index: int, name: str) -> Path:
+        return self.path / "in_progress" / f"{index + 1:02d}-{name}"
+
+    def drop_in_progress(self, index: int, name: str) -> None:
+        shutil.rmtree(self.in_progress(index, name), ignore_errors=True)
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.stages / f"{index + 1:02d}-{name}"
@@ -80,12 +100,14 @@ class RunDir:
     def commit_stage(self, index: int, name: str, write: Callable[[Path], None], record: dict) -> Path:
         final = self.stage_dir(index, name)
         staging = self.stages / f".{final.name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        write(staging)
-        write_json_atomic(staging / "stage.json", record)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        with guard_disk(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            write(staging)
+            faults.point("stage_commit")
+            write_json_atomic(staging / "stage.json", record)
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
         return final
 
     def load_zero_shot(self) -> dict | None:
