@@ -39,3 +39,24 @@ def test_compare_rejects_override_for_method_not_compared(tiny_bench, tmp_path, 
     code = main(["compare", "--methods", "seq-lora", "--for", "deal", "lr=1", "--data-dir", str(tiny_bench),
                  "--output", str(tmp_path / "c")])
     assert code == 2 and "deal" in capsys.readouterr().err
+
+
+def test_compare_writes_its_section_of_a_results_page_beside_the_published_numbers(tiny_bench, tiny_llama, tmp_path, capsys):
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Results\n\nHand-written introduction.\n")
+    common = ["--model", tiny_llama, "--data-dir", str(tiny_bench), "--lr", "0.02", "--rank", "4", "--batch-size", "4",
+              "--epochs", "1", "--orders", "alpha+beta", "--page", str(page)]
+    assert main(["compare", "--methods", "seq-lora", "--output", str(tmp_path / "a"), "--title", "First", *common]) == 0
+    assert main(["compare", "--methods", "mtl", "--output", str(tmp_path / "b"), "--title", "Second", *common]) == 0
+    text = page.read_text()
+    assert text.startswith("# Results\n\nHand-written introduction.")
+    assert "## First" in text and "## Second" in text  # two sections, neither overwrote the other
+    seq_aa = json.loads((tmp_path / "a" / "summary.json").read_text())["summary"][0]["AA"]
+    row = next(line for line in text.splitlines() if line.startswith("| seq-lora |"))
+    assert f"| {seq_aa:.1f} |" in row and "44.6 (DEAL Table 1)" in row  # ours, then the published, labelled
+    assert "](../a/summary.png)" in text and "clora compare --methods seq-lora" in text
+    # Rerunning replaces only its own section.
+    assert main(["compare", "--methods", "seq-lora", "--output", str(tmp_path / "a"), "--title", "First", *common]) == 0
+    assert page.read_text() == text
+    capsys.readouterr()

@@ -93,3 +93,25 @@ def test_global_batch_must_split_evenly(tiny_llama, tiny_bench, tmp_path):
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "clora: error: --batch-size 3 is the global batch: it must be divisible by the 2 processes" in done.stderr
+
+
+@pytest.mark.parametrize("method,allowed", [("seq-lora", True), ("o-lora", True), ("deal", False), ("gorp", False),
+                                            ("galore", False)])
+def test_sharded_engines_are_refused_for_methods_that_need_whole_gradients(method, allowed):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from clora.continual import check_distributed
+    from clora.errors import UserError
+    from clora.methods import Settings, build_method
+
+    m = build_method(method, Settings())
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        fake = SimpleNamespace(distributed_type=kind)
+        if allowed:
+            check_distributed(m, fake)
+        else:
+            with pytest.raises(UserError, match=f"method {method} cannot train under {kind.value}"):
+                check_distributed(m, fake)
+    check_distributed(m, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))

@@ -76,6 +76,9 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--for", dest="per_method", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
                         help="per-method override of a run option (e.g. lr=1e-4) or a method option (repeatable)")
     parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
+    parser.add_argument("--page", help="also write the comparison as a section of this Markdown page (e.g. docs/results.md)")
+    parser.add_argument("--section", help="that section's name (default: the --output folder's name)")
+    parser.add_argument("--title", help="that section's heading (default: the methods and orders)")
     _add_config_options(parser, skip=_GRID_FIELDS)
 
 
@@ -147,6 +150,10 @@ def _compare(args, argv: list[str] | None) -> int:
     results = compare.run_grid(grid, output, run)
     command = "clora " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     rows = compare.write_summary(output, results, command)
+    if args.page:
+        title = args.title or f"{', '.join(methods)} on order(s) {', '.join(orders)}"
+        compare.write_page(Path(args.page), args.section or output.name, title, results, rows, command,
+                           output / "summary.png")
     print((output / "summary.md").read_text())
     return 0 if rows else 1
 

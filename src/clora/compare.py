@@ -5,16 +5,28 @@ shared, since it does not depend on the method."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from .pages import update_section
 from .config import RunConfig
 from .errors import UserError
 
 METRICS = ["AA", "BWT", "FWT", "forgetting", "learning_accuracy"]
+
+# Published average accuracy after the last task (exact match, T5-large unless stated; "standard" =
+# 4 tasks, mean of orders 1-3; "long" = 15 tasks, mean of orders 4-6), as listed in SPEC.md.
+PUBLISHED = {
+    "seq-lora": (44.6, 42.1, "DEAL Table 1"),
+    "o-lora": (75.8, 69.6, "O-LoRA paper (71.2 standard in DEAL's runs)"),
+    "deal": (78.5, 73.9, "DEAL Table 1"),
+    "gorp": (79.8, 76.0, "GORP paper (BWT -0.8 standard, -4.3 long)"),
+    "mtl": (80.0, 76.5, "GORP paper"),
+}
 
 
 def expand(base: RunConfig, methods: list[str], orders: list[str], seeds: list[int],
@@ -67,7 +79,8 @@ def run_grid(grid, output: Path, run_one) -> list[dict]:
         print(f"\nclora compare: [{i}/{len(grid)}] {method}, order {order}, seed {seed} -> {run_dir}", flush=True)
         result = run_one(config, run_dir, resume=(run_dir / "config.json").is_file(),
                          shared_zero_shot=output / "zero_shot" / f"order{order}-seed{seed}.json")
-        results.append({"method": method, "order": order, "seed": seed, "run_dir": str(run_dir), **result})
+        results.append({"method": method, "order": order, "seed": seed, "run_dir": str(run_dir),
+                        "config": config.to_dict(), **result})
     return results
 
 
@@ -148,3 +161,38 @@ def _plot(path: Path, rows: list[dict], results: list[dict]) -> None:
         ax.set_yticks([])
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
+
+
+def write_page(page: Path, section: str, title: str, results: list[dict], rows: list[dict], command: str,
+               plot: Path) -> None:
+    """A comparison's section of a docs page: settings, the summary table with the published numbers
+    beside it (labelled as such), every run's last accuracy row, the plot, the command."""
+    config = results[0].get("config", {})
+    settings = ", ".join(f"{k.replace('_', ' ')} {config[k]}" for k in
+                         ("model", "train_per_task", "test_per_task", "epochs", "lr", "rank", "batch_size") if k in config)
+    long_order = any(len(r["tasks"]) > 4 for r in results)
+    table = ["| method | runs | AA | BWT | FWT | forgetting | learning acc. | time (min) | published AA, T5-large "
+             f"({'long' if long_order else 'standard'}) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        published = PUBLISHED.get(r["method"])
+        ref = f"{published[1 if long_order else 0]} ({published[2]})" if published else "—"
+        status = {res["status"] for res in results if res["method"] == r["method"]}
+        name = r["method"] + (" (keeps old data)" if r["keeps_old_data"] else "")
+        name += "" if status == {"complete"} else " **(partial)**"
+        table.append(f"| {name} | {r['runs']} | " + " | ".join(_cell(r, m) for m in METRICS)
+                     + f" | {r['seconds'] / 60:.0f} | {ref} |")
+    lines = []
+    for res in results:
+        last = res["accuracy_matrix"][-1]
+        cells = ", ".join(f"{t} {v:.1f}" if v is not None else f"{t} —" for t, v in zip(res["tasks"], last))
+        lines.append(f"* {res['method']}, order {res['order']}, seed {res['seed']}: {cells}"
+                     + ("" if res["status"] == "complete" else f" ({res['status']})"))
+    plot_link = os.path.relpath(plot.resolve(), page.resolve().parent)
+    text = (f"## {title}\n\n{settings}; orders {', '.join(sorted({r['order'] for r in results}))}, seeds "
+            f"{', '.join(str(s) for s in sorted({r['seed'] for r in results}))}; mean ± std over orders and seeds "
+            "(std only where there are several runs). Our numbers are the default model on a 2-core CPU with the "
+            "caps above; the published ones are T5-large on the full benchmark, shown for orientation, not as "
+            "a like-for-like comparison.\n\n" + "\n".join(table)
+            + "\n\nAccuracy after the last task, per run:\n\n" + "\n".join(lines)
+            + f"\n\n![AA, BWT and accuracy matrices]({plot_link})\n\nMade by:\n\n```\n{command}\n```\n")
+    update_section(page, section, text, title="# Results\n")

@@ -57,6 +57,7 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     p = prepare(config)
     cfg, method = p.config, p.method
     accelerator = accelerator or make_accelerator(cfg)
+    check_distributed(method, accelerator)
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
                         f"{accelerator.num_processes} processes")
@@ -143,6 +144,13 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision,
                        gradient_accumulation_steps=cfg.grad_accum,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def check_distributed(method: Method, accelerator: Accelerator) -> None:
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED") and not method.supports_sharding:
+        raise UserError(f"method {method.name} cannot train under {kind}: it needs whole weights and gradients "
+                        "on every process; launch it data-parallel (DDP) instead")
 
 
 def _check_ranks_agree(model, method: Method, accelerator: Accelerator, stage: str) -> None:

@@ -76,6 +76,9 @@ class Method:
     summary: ClassVar[str] = ""
     keeps_old_data: ClassVar[bool] = False  # only Replay: reports must say so
     needs_task_id: ClassVar[bool] = False  # PerTaskFT: evaluation is told which task an item is from
+    # False where the method needs whole parameters or gradients on every process (an SVD of a full
+    # gradient, a parametrization shared by modules), which FSDP and DeepSpeed ZeRO shard.
+    supports_sharding: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, options=None):
         self.settings = settings

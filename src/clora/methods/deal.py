@@ -165,6 +165,7 @@ class DEAL(Method):
     Options = DEALOptions
     summary = ("one LoRA through all tasks; later tasks filter its spectrum and update it with an MLP, "
                "merged back into a plain LoRA after each task")
+    supports_sharding = False  # its factor groups are shared across modules and take an SVD of whole factors
 
     def __init__(self, settings, options=None):
         super().__init__(settings, options)

@@ -50,6 +50,7 @@ class GaLore(Method):
     name = "galore"
     Options = GaLoreOptions
     summary = "sequential full-rank fine-tuning of chosen matrices in a GaLore low-rank gradient subspace"
+    supports_sharding = False  # its projections take SVDs of whole gradients
 
     def __init__(self, settings, options=None):
         super().__init__(settings, options)

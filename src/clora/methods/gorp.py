@@ -50,6 +50,7 @@ class GORP(Method):
     Options = GORPOptions
     summary = ("a new LoRA per task plus full-rank matrices in a GaLore subspace, gradients projected "
                "away from a shared space grown from Adam's first moments")
+    supports_sharding = False  # its projections take SVDs of whole gradients
 
     def __init__(self, settings, options=None):
         super().__init__(settings, options)
