@@ -109,6 +109,20 @@ class FullWeights:
         self.restore(load_file(str(path)))
 
 
+class SavesFullWeights:
+    """Mixin for a method that holds its trainable matrices in `self.full`: each stage's folder gets
+    their deltas beside the PEFT adapter, and loading a stage restores them."""
+    full: FullWeights
+
+    def save(self, model, directory: Path) -> None:
+        super().save(model, directory)
+        self.full.save(directory)
+
+    def load(self, model, directory: Path) -> None:
+        super().load(model, directory)
+        self.full.load(directory)
+
+
 def _apply(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (base.float() + delta).to(base.dtype)
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from .. import lora
 from ..errors import UserError
-from ..full_weights import FullWeights, default_pattern
+from ..full_weights import FullWeights, SavesFullWeights, default_pattern
 from ..projection import GaLoreProjection, ProjectedOptimizer
 from . import register
 from .base import Method, StageData
@@ -46,7 +45,7 @@ class GaLoreOptions:
                                 f"regular expression: {exc}") from None
 
 
-class GaLore(Method):
+class GaLore(SavesFullWeights, Method):
     name = "galore"
     Options = GaLoreOptions
     summary = "sequential full-rank fine-tuning of chosen matrices in a GaLore low-rank gradient subspace"
@@ -74,14 +73,6 @@ class GaLore(Method):
 
     def on_task_end(self, model, data: StageData, optimizer) -> None:
         self.full.commit()
-
-    def save(self, model, directory: Path) -> None:
-        super().save(model, directory)
-        self.full.save(directory)
-
-    def load(self, model, directory: Path) -> None:
-        super().load(model, directory)
-        self.full.load(directory)
 
 
 register(GaLore)

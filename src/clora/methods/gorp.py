@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import lora
 from ..errors import UserError
-from ..full_weights import FullWeights, default_pattern
+from ..full_weights import FullWeights, SavesFullWeights, default_pattern
 from ..projection import (OrthogonalGaLoreProjection, OrthogonalProjection, ProjectedOptimizer, first_moment,
                           grow_space, remove_space)
 from . import register
@@ -45,7 +44,7 @@ class GORPOptions(GaLoreOptions):
             raise UserError(f"{method} option epsilon must be in (0, 1], got {self.epsilon}")
 
 
-class GORP(Method):
+class GORP(SavesFullWeights, Method):
     name = "gorp"
     Options = GORPOptions
     summary = ("a new LoRA per task plus full-rank matrices in a GaLore subspace, gradients projected "
@@ -137,14 +136,6 @@ class GORP(Method):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.spaces = {key.removeprefix("space|"): t for key, t in state.items() if key.startswith("space|")}
-
-    def save(self, model, directory: Path) -> None:
-        super().save(model, directory)
-        self.full.save(directory)
-
-    def load(self, model, directory: Path) -> None:
-        super().load(model, directory)
-        self.full.load(directory)
 
 
 register(GORP)
