@@ -115,3 +115,11 @@ def test_sharded_engines_are_refused_for_methods_that_need_whole_gradients(metho
             with pytest.raises(UserError, match=f"method {method} cannot train under {kind.value}"):
                 check_distributed(m, fake)
     check_distributed(m, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+@pytest.mark.parametrize("name,kind", [("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
+def test_documented_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parent.parent / "docs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes == 8
