@@ -60,3 +60,17 @@ def test_compare_writes_its_section_of_a_results_page_beside_the_published_numbe
     assert main(["compare", "--methods", "seq-lora", "--output", str(tmp_path / "a"), "--title", "First", *common]) == 0
     assert page.read_text() == text
     capsys.readouterr()
+
+
+def test_report_only_summarises_what_is_there_and_trains_nothing(tiny_bench, tiny_llama, tmp_path, capsys):
+    common = ["--model", tiny_llama, "--data-dir", str(tiny_bench), "--lr", "0.02", "--rank", "4", "--batch-size", "4",
+              "--epochs", "1", "--orders", "alpha+beta", "--output", str(tmp_path / "c")]
+    assert main(["compare", "--methods", "seq-lora", "--report-only", *common]) == 2
+    assert "holds none of these runs yet" in capsys.readouterr().err
+    assert main(["compare", "--methods", "seq-lora", *common]) == 0
+    full = json.loads((tmp_path / "c" / "summary.json").read_text())["summary"]
+    assert main(["compare", "--methods", "seq-lora,inc-lora", "--report-only", *common]) == 0
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())["summary"]
+    assert summary == full  # inc-lora, never run, is left out; seq-lora read back as it was
+    assert not (tmp_path / "c" / "inc-lora").exists()
+    capsys.readouterr()

@@ -76,6 +76,8 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--for", dest="per_method", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
                         help="per-method override of a run option (e.g. lr=1e-4) or a method option (repeatable)")
     parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the runs as they stand (partial ones marked)")
     parser.add_argument("--page", help="also write the comparison as a section of this Markdown page (e.g. docs/results.md)")
     parser.add_argument("--section", help="that section's name (default: the --output folder's name)")
     parser.add_argument("--title", help="that section's heading (default: the methods and orders)")
@@ -147,8 +149,11 @@ def _compare(args, argv: list[str] | None) -> int:
     for _, _, _, config in grid:  # fail on a bad option before hours of work, not in the middle
         config.validate()
     output = Path(args.output)
-    results = compare.run_grid(grid, output, run)
-    command = "clora " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results = compare.run_grid(grid, output, run, report_only=args.report_only)
+    if not results:
+        raise UserError(f"{output} holds none of these runs yet")
+    words = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "clora " + " ".join(shlex.quote(a) for a in words)
     rows = compare.write_summary(output, results, command)
     if args.page:
         title = args.title or f"{', '.join(methods)} on order(s) {', '.join(orders)}"

@@ -5,6 +5,7 @@ shared, since it does not depend on the method."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 from pathlib import Path
@@ -72,10 +73,18 @@ def _typed(field: dataclasses.Field, raw: str, method: str):
         raise UserError(f"--for {method} {field.name}={raw!r}: not a {type(default).__name__}") from None
 
 
-def run_grid(grid, output: Path, run_one) -> list[dict]:
+def run_grid(grid, output: Path, run_one, report_only: bool = False) -> list[dict]:
+    """Run (or resume) every run of the grid; `report_only`: train nothing, collect the runs' results
+    as they stand (partial ones included, runs not started left out)."""
     results = []
     for i, (method, order, seed, config) in enumerate(grid, 1):
         run_dir = output / method / f"order{order}-seed{seed}"
+        if report_only:
+            metrics = run_dir / "metrics.json"
+            if metrics.is_file():
+                results.append({"method": method, "order": order, "seed": seed, "run_dir": str(run_dir),
+                                "config": config.to_dict(), **json.loads(metrics.read_text())})
+            continue
         print(f"\nclora compare: [{i}/{len(grid)}] {method}, order {order}, seed {seed} -> {run_dir}", flush=True)
         result = run_one(config, run_dir, resume=(run_dir / "config.json").is_file(),
                          shared_zero_shot=output / "zero_shot" / f"order{order}-seed{seed}.json")
@@ -108,9 +117,10 @@ def _cell(row: dict, metric: str) -> str:
 def write_summary(output: Path, results: list[dict], command: str) -> list[dict]:
     rows = summarize(results)
     header = "| method | runs | AA | BWT | FWT | forgetting | learning acc. | time (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    partial = {r["method"] for r in results if r.get("status", "complete") != "complete"}
     body = "".join(
-        f"| {r['method']}{' (keeps old data)' if r['keeps_old_data'] else ''} | {r['runs']} | "
-        + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['seconds'] / 60:.0f} |\n" for r in rows)
+        f"| {r['method']}{' (keeps old data)' if r['keeps_old_data'] else ''}{' (partial)' if r['method'] in partial else ''}"
+        f" | {r['runs']} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['seconds'] / 60:.0f} |\n" for r in rows)
     orders = sorted({r["order"] for r in results})
     seeds = sorted({r["seed"] for r in results})
     text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; "

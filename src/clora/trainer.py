@@ -56,6 +56,7 @@ def train_stage(model, method: Method, loader, options: TrainOptions, accelerato
     keep_logits = not options.is_encoder_decoder and supports_logits_to_keep(model)
     progress = Progress()
     saved = checkpoint.latest(options.checkpoint_dir) if options.checkpoint_dir else None
+    resume_at = checkpoint.position(saved) if saved is not None else 0
     if saved is not None:
         print(f"clora: continuing {description} from {saved}", flush=True)
     total_batches = options.epochs * len(prepared_loader)
@@ -72,7 +73,7 @@ def train_stage(model, method: Method, loader, options: TrainOptions, accelerato
         for batch in prepared_loader:
             batch_index += 1
             if saved is not None:  # replaying up to the checkpoint's position
-                if batch_index == checkpoint.position(saved):
+                if batch_index == resume_at:
                     progress = checkpoint.load(saved, model, optimizer)
                     saved = None
                     bar.update(batch_index - bar.n)
