@@ -39,6 +39,18 @@ def _tiny_t5(path: Path) -> None:
     tok.save_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def without_plots():
+    """No PNG plots in modules that run many stages: they cost seconds per stage and are tested elsewhere."""
+    from clora import report
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(report, "_heatmap", lambda *args, **kwargs: None)
+    patch.setattr(report, "_curves", lambda *args, **kwargs: None)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-llama")

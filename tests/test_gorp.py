@@ -14,7 +14,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import clora
-from clora import report
 from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.errors import UserError
@@ -28,18 +27,7 @@ from conftest import tiny_config, write_tiny_benchmark
 OPTIONS = ["full_lr=1e-2", "update_gap=2", "rank=4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_on_a_busy_machine():
-    """One thread: on 2 shared cores a 2-thread OpenMP barrier makes a 32-wide matmul ~1000x slower.
-    No PNG plots: they cost seconds per stage and are tested elsewhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(report, "_heatmap", lambda *args, **kwargs: None)
-    patch.setattr(report, "_curves", lambda *args, **kwargs: None)
-    yield
-    patch.undo()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("without_plots")
 
 
 def _three_task_bench(root: Path) -> Path:
