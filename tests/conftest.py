@@ -100,3 +100,24 @@ def tiny_config(model: str, bench: Path, method: str = "seq-lora", **overrides):
                   batch_size=4, eval_batch_size=8, lr=2e-2, rank=4, epochs=3, seed=0)
     values.update(overrides)
     return RunConfig(**values)
+
+
+def run_killed_in_second_stage(config, output: Path, monkeypatch) -> None:
+    """Run `config` into `output` and interrupt it as it starts training its second stage (what a kill
+    looks like from inside the loop); the real trainer is back in place afterwards."""
+    import clora
+    from clora import continual
+
+    calls = {"n": 0}
+    real_train = continual.train_stage
+
+    def dies_in_second_stage(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
+    with pytest.raises(KeyboardInterrupt):
+        clora.run(config, output)
+    monkeypatch.setattr(continual, "train_stage", real_train)

@@ -22,7 +22,7 @@ from clora.methods import Settings, StageData, build_method
 from clora.methods.ewc import estimate_fisher, ewc_penalty
 from clora.methods.o_lora import o_lora_penalty
 from clora.models import load_model
-from conftest import tiny_config
+from conftest import run_killed_in_second_stage, tiny_config
 
 
 # -- O-LoRA ------------------------------------------------------------------------------------
@@ -263,19 +263,7 @@ def test_resume_gives_identical_results(method, options, tiny_llama, tiny_bench,
     if method == "replay":
         assert "data of earlier tasks" in (tmp_path / "reference" / "report.md").read_text()
 
-    calls = {"n": 0}
-    real_train = continual.train_stage
-
-    def dies_in_second_stage(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
-    with pytest.raises(KeyboardInterrupt):
-        clora.run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(continual, "train_stage", real_train)
+    run_killed_in_second_stage(cfg, tmp_path / "resumed", monkeypatch)
     resumed = clora.run(cfg, tmp_path / "resumed", resume=True)
     for key in ["accuracy_matrix", "metrics", "rouge1_last_row", "trainable_parameters"]:
         assert resumed[key] == reference[key], key

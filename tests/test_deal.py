@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
 import clora
-from clora import continual, lora
+from clora import lora
 from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.errors import UserError
@@ -23,7 +23,7 @@ from clora.methods import Settings, Stage, StageData, build_method
 from clora.methods.deal import ColumnMLP, DEALOptions, FactorGroup, HaarFilter, HeatFilter
 from clora.models import load_model
 from clora.trainer import TrainOptions, train_stage
-from conftest import tiny_config
+from conftest import run_killed_in_second_stage, tiny_config
 
 VARIANTS = {"AB": ["factors=AB"], "A": ["factors=A"], "B": ["factors=B"], "wavelet": ["kernel=wavelet"]}
 SMALL = dict(epochs=1, train_per_task=8, test_per_task=4)  # 2 steps and 4 answers per task: CPU time is shared
@@ -317,19 +317,7 @@ def test_three_tasks_keep_plain_lora_size_and_a_killed_run_resumes_identically(t
                  for line in (stages[-1] / "predictions" / f"{task}.jsonl").read_text().splitlines()]
         assert _plain_lora_predictions(tiny_llama, stages[-1] / "adapter", tiny_bench3, task, cfg) == saved
 
-    calls = {"n": 0}
-    real_train = continual.train_stage
-
-    def dies_in_second_stage(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed while DEAL's filters and MLPs are attached
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
-    with pytest.raises(KeyboardInterrupt):
-        clora.run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(continual, "train_stage", real_train)
+    run_killed_in_second_stage(cfg, tmp_path / "resumed", monkeypatch)
     resumed = clora.run(cfg, tmp_path / "resumed", resume=True)
     for key in ["accuracy_matrix", "metrics", "trainable_parameters"]:
         assert resumed[key] == reference[key], key

@@ -7,17 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate import Accelerator
 from peft import PeftModel
 
 import clora
-from clora import continual
 from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.evaluation import evaluate_task
 from clora.models import load_model
-from conftest import tiny_config
+from conftest import run_killed_in_second_stage, tiny_config
 
 METHODS = ["seq-lora", "inc-lora", "mtl", "per-task-ft"]
 
@@ -83,24 +81,12 @@ def test_resume_after_interruption_gives_identical_results(method, tiny_llama, t
     cfg = tiny_config(tiny_llama, tiny_bench, method, eval_all=True, zero_shot=True)
     reference = clora.run(cfg, tmp_path / "reference")
 
-    calls = {"n": 0}
-    real_train = continual.train_stage
-
-    def dies_in_second_stage(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # what a kill looks like from inside the loop
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
-    with pytest.raises(KeyboardInterrupt):
-        clora.run(cfg, tmp_path / "resumed")
+    run_killed_in_second_stage(cfg, tmp_path / "resumed", monkeypatch)
     partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert partial["status"].startswith("partial")
     assert "PARTIAL" in (tmp_path / "resumed" / "report.md").read_text()
     assert [d.name for d in (tmp_path / "resumed" / "stages").iterdir()] == ["01-alpha"]
 
-    monkeypatch.setattr(continual, "train_stage", real_train)
     resumed = clora.run(cfg, tmp_path / "resumed", resume=True)
     for key in ["accuracy_matrix", "zero_shot", "metrics", "rouge1_last_row", "trainable_parameters"]:
         assert resumed[key] == reference[key], key
