@@ -1,7 +1,7 @@
 """Data-parallel runs through torch.distributed (gloo on the CPU, the backend Accelerate forms there):
 two processes with the same global batch and seed compute what one process computes. The tolerance:
 accuracies, predictions, step counts identical; the first loss equal to 1e-6 and stage mean losses to
-1e-4 (relative); every adapter, full-weight delta and GORP shared-space tensor within 1e-3 of its
+1e-4 (relative); every adapter, full-weight delta, GORP shared space and EWC Fisher within 1e-3 of its
 norm (‖two − one‖ ≤ 1e-3 ‖one‖). The all-reduce adds the two halves' gradients in another order than
 one process does; Adam divides by the root of tiny second moments, so 24 steps at a high learning
 rate grow that 1e-7 rounding to ~1e-4 of the weights.
@@ -33,7 +33,7 @@ def _free_port() -> int:
 # GaLore rank 2 for GORP: the top-8 subspace of the tiny model's 64 x 32 gate-projection gradient has
 # near-equal singular values at the cut, where any change of rounding (a BLAS, a summation order) picks
 # another direction: a property of GaLore's truncated SVD on such a matrix, not of data parallelism.
-OPTIONS = {"seq-lora": [], "deal": [], "gorp": ["-o", "rank=2"]}
+OPTIONS = {"seq-lora": [], "deal": [], "gorp": ["-o", "rank=2"], "ewc": []}
 
 
 def _run(processes: int, method: str, model: str, bench: Path, out: Path) -> None:
@@ -61,7 +61,7 @@ def _first_loss(out: Path) -> float:
     return events.Scalars("train/loss")[0].value
 
 
-@pytest.mark.parametrize("method", ["seq-lora", "deal", "gorp"])
+@pytest.mark.parametrize("method", ["seq-lora", "deal", "gorp", "ewc"])
 def test_two_processes_compute_what_one_does(method, tiny_llama, tiny_bench, tmp_path):
     _run(1, method, tiny_llama, tiny_bench, tmp_path / "one")
     _run(2, method, tiny_llama, tiny_bench, tmp_path / "two")
@@ -78,8 +78,8 @@ def test_two_processes_compute_what_one_does(method, tiny_llama, tiny_bench, tmp
     assert first[1] == pytest.approx(first[0], rel=1e-6)
     t1, t2 = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert set(t1) == set(t2) and t1
-    if method == "gorp":
-        assert any("space|" in k for k in t1)  # the shared spaces are among what is compared
+    if method in ("gorp", "ewc"):  # GORP's shared spaces, EWC's Fisher are among what is compared
+        assert any(("space|" if method == "gorp" else "fisher|") in k for k in t1)
     for key in t1:
         assert (t2[key] - t1[key]).norm() <= 1e-3 * t1[key].norm() + 1e-8, key
     # Only the main process writes: one set of results, no second process's files.
