@@ -86,6 +86,7 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
         return DataLoader(examples, batch_size=cfg.batch_size, sampler=RandomSampler(examples, generator=generator),
                           collate_fn=encoder.collate_train)
 
+    written = False
     for stage in p.stages[len(records):]:
         started = time.time()
         # Seeded per stage, so a resumed run draws the same initialisations and batch order.
@@ -127,8 +128,9 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
         _print_row(stage, p, records, accelerator)
         if main:
             _write_results(rundir, p, records, zero_shot, final=len(records) == len(p.stages))
+            written = True
 
-    if main and records:  # again: a kill between the last commit and its results must not leave them stale
+    if main and records and not written:  # a kill between the last commit and its results must not leave them stale
         _write_results(rundir, p, records, zero_shot, final=len(records) == len(p.stages))
     accelerator.wait_for_everyone()
     if writer:
