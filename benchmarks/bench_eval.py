@@ -98,7 +98,8 @@ def main() -> None:
         f"| {name} | {args.items / median[name]:.2f} | {median[name]:.1f} ({', '.join(f'{t:.1f}' for t in times[name])}) "
         f"| {median[name] / floor:.2f} |" for name in runs)
     ours, loop = median["clora batched generation"], median["per-item generate loop"]
-    command = "python benchmarks/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads + "python benchmarks/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = f"""## Evaluation throughput
 
 Model `{args.model}`, {args.items} `{args.task}` test prompts ({min(map(len, prompts))}–{max(map(len, prompts))} tokens),

@@ -109,7 +109,8 @@ def main() -> None:
         rows.append(f"| {label} | {median:.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | "
                     f"{reference / median:.2f} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} |")
     same = all(abs(results[l]["losses"][0] - results[CONFIGS[0][0]]["losses"][0]) < 1e-4 for l, _, _ in CONFIGS)
-    command = "python benchmarks/bench_scaling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads + "python benchmarks/bench_scaling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = f"""## Data-parallel speed-up on this CPU (measured)
 
 Model `{args.model}`, seq-lora rank {args.rank}, global batch {args.batch} `dbpedia` training items per step,
