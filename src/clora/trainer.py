@@ -112,8 +112,11 @@ def train_stage(model, method: Method, loader, options: TrainOptions, accelerato
                 save_checkpoint()
     if saved is not None:
         raise UserError(f"step checkpoint {saved} is past the end of this stage's data; it belongs to another run")
-    if options.checkpoint_every and progress.batches == total_batches and _needs_final(options.checkpoint_dir, progress):
-        save_checkpoint()  # so a kill during evaluation does not repeat the training
+    # After the last step too, so a kill during evaluation does not repeat the training. Decided from what
+    # every process read when the stage started, never from the folder rank 0 is writing into: a process
+    # that saw rank 0's new checkpoint would skip the barrier the others wait in.
+    if options.checkpoint_every and progress.batches == total_batches and resume_at != total_batches:
+        save_checkpoint()
     bar.close()
     accelerator.wait_for_everyone()
     # Release Accelerate's references: the next stage prepares a model with other trainable parameters.
@@ -122,11 +125,6 @@ def train_stage(model, method: Method, loader, options: TrainOptions, accelerato
     accelerator._dataloaders.clear()
     mean = progress.loss_sum / progress.loss_count if progress.loss_count else None
     return StageLog(progress.steps, progress.batches, progress.skipped, mean, optimizer)
-
-
-def _needs_final(directory: Path, progress: Progress) -> bool:
-    latest = checkpoint.latest(directory)
-    return latest is None or checkpoint.position(latest) != progress.batches
 
 
 def _finite_gradients(params: list[torch.Tensor]) -> bool:
