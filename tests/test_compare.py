@@ -74,3 +74,25 @@ def test_report_only_summarises_what_is_there_and_trains_nothing(tiny_bench, tin
     assert summary == full  # inc-lora, never run, is left out; seq-lora read back as it was
     assert not (tmp_path / "c" / "inc-lora").exists()
     capsys.readouterr()
+
+
+def test_parallel_jobs_give_the_same_runs_report_failures_and_resume(tiny_bench, tiny_llama, tmp_path, capsys, monkeypatch):
+    common = ["--methods", "seq-lora,inc-lora", "--orders", "alpha+beta", "--model", tiny_llama, "--data-dir",
+              str(tiny_bench), "--lr", "0.02", "--rank", "4", "--batch-size", "4", "--epochs", "1"]
+    assert main(["compare", *common, "--output", str(tmp_path / "serial")]) == 0
+    serial = json.loads((tmp_path / "serial" / "summary.json").read_text())
+
+    # Every run process is killed while writing its results after its second (last) stage.
+    monkeypatch.setenv("CLORA_KILL_AT", "results_write:2")
+    assert main(["compare", *common, "--jobs", "2", "--output", str(tmp_path / "par")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 of 2 runs failed" in err and "seq-lora-orderalpha+beta-seed0.log" in err
+    assert (tmp_path / "par" / "logs" / "inc-lora-orderalpha+beta-seed0.log").is_file()
+    assert "(partial)" in (tmp_path / "par" / "summary.md").read_text()  # what finished, marked as such
+
+    monkeypatch.delenv("CLORA_KILL_AT")
+    assert main(["compare", *common, "--jobs", "2", "--output", str(tmp_path / "par")]) == 0
+    parallel = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert [r["accuracy_matrix"] for r in parallel["runs"]] == [r["accuracy_matrix"] for r in serial["runs"]]
+    assert "--jobs" not in (tmp_path / "par" / "summary.md").read_text()  # how it ran is not what it computed
+    capsys.readouterr()

@@ -5,8 +5,14 @@
                        output="runs/demo")
     print(result["metrics"]["AA"], result["metrics"]["BWT"])
 """
-from .config import RunConfig
-from .errors import UserError
+import logging
+
+# bitsandbytes (imported by peft and galore-torch when installed; galore-torch requires it) logs a
+# warning about optional kernels at import on every run: a user's error output must stay one line.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from .config import RunConfig  # noqa: E402
+from .errors import UserError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -76,6 +76,8 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--for", dest="per_method", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
                         help="per-method override of a run option (e.g. lr=1e-4) or a method option (repeatable)")
     parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process (logs in OUTPUT/logs/); several share a GPU well")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: summarise the runs as they stand (partial ones marked)")
     parser.add_argument("--page", help="also write the comparison as a section of this Markdown page (e.g. docs/results.md)")
@@ -148,11 +150,15 @@ def _compare(args, argv: list[str] | None) -> int:
     grid = compare.expand(base, methods, orders, seeds, per_method)
     for _, _, _, config in grid:  # fail on a bad option before hours of work, not in the middle
         config.validate()
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
     output = Path(args.output)
-    results = compare.run_grid(grid, output, run, report_only=args.report_only)
+    parallel = args.jobs > 1 and not args.report_only
+    failed = compare.run_parallel(grid, output, args.jobs) if parallel else []
+    results = compare.run_grid(grid, output, run, report_only=args.report_only or parallel)
     if not results:
-        raise UserError(f"{output} holds none of these runs yet")
-    words = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+        raise UserError(f"{output} holds none of these runs yet" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    words = _without_run_control(argv if argv is not None else sys.argv[1:])
     command = "clora " + " ".join(shlex.quote(a) for a in words)
     rows = compare.write_summary(output, results, command)
     if args.page:
@@ -160,7 +166,23 @@ def _compare(args, argv: list[str] | None) -> int:
         compare.write_page(Path(args.page), args.section or output.name, title, results, rows, command,
                            output / "summary.png")
     print((output / "summary.md").read_text())
+    if failed:  # the summary holds what finished (failed runs as partial or absent); the error says what did not
+        raise UserError(f"{len(failed)} of {len(grid)} runs failed: {'; '.join(failed)}")
     return 0 if rows else 1
+
+
+def _without_run_control(words: list[str]) -> list[str]:
+    """The command recorded beside a summary: how the runs were carried out (--report-only, --jobs N)
+    does not change what they computed."""
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--jobs":
+            skip = True
+        elif word != "--report-only" and not word.startswith("--jobs="):
+            kept.append(word)
+    return kept
 
 
 def _methods() -> int:
