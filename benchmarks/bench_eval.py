@@ -8,9 +8,10 @@ what evaluation scripts of the field do: one `generate` per prompt with the same
 forward pass runs the same batches through the model once, without generating. The three are
 repeated in rotating order and the medians kept; the predictions of ours and of the per-item loop
 are compared item by item.
-The results go to docs/benchmarks.md, section "eval-throughput", with the command that produced them.
+The results go to docs/benchmarks.md, section "eval-throughput" (on a CPU) or "eval-throughput-gpu"
+(on a GPU), with the command that produced them.
 
-    python benchmarks/bench_eval.py [--items 32] [--task dbpedia] [--batch 16] [--repeats 2]
+    python benchmarks/bench_eval.py [--items 32] [--task dbpedia] [--batch 16] [--repeats 2] [--device cuda]
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from docs_section import update_section  # noqa: E402
 def per_item(model, encoder: Encoder, prompts: list[list[int]], max_new: int) -> list[str]:
     texts = []
     for ids in prompts:
-        batch = encoder.collate_prompts([ids])
+        batch = {k: v.to(model.device) for k, v in encoder.collate_prompts([ids]).items()}
         out = model.generate(**batch, max_new_tokens=max_new, do_sample=False, num_beams=1,
                              eos_token_id=encoder.eos, pad_token_id=encoder.pad)
         if not encoder.is_encoder_decoder:
@@ -52,8 +53,10 @@ def bare_forward(model, encoder: Encoder, prompts: list[list[int]], batch_size: 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), batch_size):
         batch = encoder.collate_prompts([prompts[i] for i in order[start:start + batch_size]])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         if encoder.is_encoder_decoder:
-            start_ids = torch.full((batch["input_ids"].shape[0], 1), model.config.decoder_start_token_id)
+            start_ids = torch.full((batch["input_ids"].shape[0], 1), model.config.decoder_start_token_id,
+                                   device=model.device)
             model(**batch, decoder_input_ids=start_ids)
         else:
             model(**batch, logits_to_keep=1)
@@ -66,11 +69,14 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--page", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
 
     loaded = load_model(args.model)
-    model = loaded.model.eval()
+    model = loaded.model.eval().to(args.device)
+    gpu = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)  # GPU work is asynchronous: time it finished
     encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder)
     task = Benchmark(default_benchmark_dir()).load_task(args.task, test_cap=args.items, sample_seed=0)
     prompts = [encoder.prompt_ids(task.prompt(item)) for item in task.test]
@@ -88,8 +94,10 @@ def main() -> None:
     names = list(runs)
     for r in range(args.repeats):
         for name in names[r % 3:] + names[:r % 3]:  # rotate, so no variant always runs first
+            sync()
             start = time.perf_counter()
             outputs[name] = runs[name]()
+            sync()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
     same = sum(a == b for a, b in zip(outputs["per-item generate loop"], outputs["clora batched generation"]))
@@ -100,24 +108,27 @@ def main() -> None:
     ours, loop = median["clora batched generation"], median["per-item generate loop"]
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = threads + "python benchmarks/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = f"""## Evaluation throughput
+    where = (f"one {torch.cuda.get_device_name()} GPU" if gpu else
+             f"{torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores")
+    goal = f" (goal on a GPU ≥ 10×: {'met' if loop / ours >= 10 else 'missed'})" if gpu else ""
+    text = f"""## Evaluation throughput{' on a GPU' if gpu else ''}
 
 Model `{args.model}`, {args.items} `{args.task}` test prompts ({min(map(len, prompts))}–{max(map(len, prompts))} tokens),
 greedy, at most {max_new} new tokens (the longest label), generation batch {args.batch}, fp32,
-{torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores, torch {torch.__version__}, load average
+{where}, torch {torch.__version__}, load average
 {load_before:.1f} → {os.getloadavg()[0]:.1f}. Medians of {args.repeats} repetitions in rotating order.
 
 | variant | examples/s | seconds (each repetition) | × bare forward |
 |---|---|---|---|
 {rows}
 
-Ours is {loop / ours:.1f}× the per-item loop and {ours / floor:.2f}× the floor of one forward pass over the
+Ours is {loop / ours:.1f}× the per-item loop{goal} and {ours / floor:.2f}× the floor of one forward pass over the
 prompts (goal ≤ 1.3×: {'met' if ours / floor <= 1.3 else 'missed'}). Predictions identical to the per-item loop's: {same} of {args.items}.
 The base model answers in sentences, so every prompt runs to the token bound: the worst case.
 
 Produced by: `{command.strip()}`
 """
-    update_section(args.page, "eval-throughput", text)
+    update_section(args.page, "eval-throughput-gpu" if gpu else "eval-throughput", text)
     print(text)
 
 
