@@ -32,6 +32,12 @@ def test_compare_runs_grid_shares_zero_shot_and_resumes(tiny_bench, tiny_llama, 
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/*/stages/*/stage.json")}
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/stages/*/stage.json")} == before
+
+    # Committed result runs keep no weights: a finished run is summarised again without them.
+    for weights in out.glob("**/*.safetensors"):
+        weights.unlink()
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["summary"] == summary["summary"]
     capsys.readouterr()
 
 
@@ -72,6 +78,7 @@ def test_report_only_summarises_what_is_there_and_trains_nothing(tiny_bench, tin
     assert main(["compare", "--methods", "seq-lora,inc-lora", "--report-only", *common]) == 0
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())["summary"]
     assert summary == full  # inc-lora, never run, is left out; seq-lora read back as it was
+    assert "Not run yet: inc-lora (order alpha+beta seed 0)." in (tmp_path / "c" / "summary.md").read_text()
     assert not (tmp_path / "c" / "inc-lora").exists()
     capsys.readouterr()
 

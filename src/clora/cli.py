@@ -160,11 +160,12 @@ def _compare(args, argv: list[str] | None) -> int:
         raise UserError(f"{output} holds none of these runs yet" + (f"; failed: {', '.join(failed)}" if failed else ""))
     words = _without_run_control(argv if argv is not None else sys.argv[1:])
     command = "clora " + " ".join(shlex.quote(a) for a in words)
-    rows = compare.write_summary(output, results, command)
+    missing = compare.missing_runs(grid, results)
+    rows = compare.write_summary(output, results, command, missing)
     if args.page:
         title = args.title or f"{', '.join(methods)} on order(s) {', '.join(orders)}"
         compare.write_page(Path(args.page), args.section or output.name, title, results, rows, command,
-                           output / "summary.png")
+                           output / "summary.png", missing)
     print((output / "summary.md").read_text())
     if failed:  # the summary holds what finished (failed runs as partial or absent); the error says what did not
         raise UserError(f"{len(failed)} of {len(grid)} runs failed: {'; '.join(failed)}")

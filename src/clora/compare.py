@@ -90,14 +90,14 @@ def run_grid(grid, output: Path, run_one, report_only: bool = False) -> list[dic
         if report_only:
             metrics = run_dir / "metrics.json"
             if metrics.is_file():
-                results.append({"method": method, "order": order, "seed": seed, "run_dir": str(run_dir),
-                                "config": config.to_dict(), **json.loads(metrics.read_text())})
+                results.append({**json.loads(metrics.read_text()), "method": method, "order": order, "seed": seed,
+                                "run_dir": str(run_dir), "config": config.to_dict()})
             continue
         print(f"\nclora compare: [{i}/{len(grid)}] {method}, order {order}, seed {seed} -> {run_dir}", flush=True)
         result = run_one(config, run_dir, resume=(run_dir / "config.json").is_file(),
                          shared_zero_shot=_zero_shot_file(output, order, seed))
-        results.append({"method": method, "order": order, "seed": seed, "run_dir": str(run_dir),
-                        "config": config.to_dict(), **result})
+        results.append({**result, "method": method, "order": order, "seed": seed, "run_dir": str(run_dir),
+                        "config": config.to_dict()})
     return results
 
 
@@ -179,6 +179,17 @@ def _worker(argv: list[str]) -> int:
     return 0
 
 
+def missing_runs(grid, results: list[dict]) -> str:
+    """The grid's runs that have no results yet, per method ("" when none): a summary must not let a
+    partly-run comparison pass for the whole grid."""
+    have = {(r["method"], r["order"], r["seed"]) for r in results}
+    absent: dict[str, list[str]] = {}
+    for method, order, seed, _ in grid:
+        if (method, order, seed) not in have:
+            absent.setdefault(method, []).append(f"order {order} seed {seed}")
+    return "; ".join(f"{m} ({', '.join(runs)})" for m, runs in absent.items())
+
+
 def summarize(results: list[dict]) -> list[dict]:
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
@@ -200,7 +211,7 @@ def _cell(row: dict, metric: str) -> str:
     return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
 
 
-def write_summary(output: Path, results: list[dict], command: str) -> list[dict]:
+def write_summary(output: Path, results: list[dict], command: str, missing: str = "") -> list[dict]:
     rows = summarize(results)
     header = "| method | runs | AA | BWT | FWT | forgetting | learning acc. | time (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
     partial = {r["method"] for r in results if r.get("status", "complete") != "complete"}
@@ -211,7 +222,7 @@ def write_summary(output: Path, results: list[dict], command: str) -> list[dict]
     seeds = sorted({r["seed"] for r in results})
     text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; "
             "mean ± std over orders and seeds (std only where there are several runs).\n\n"
-            + header + body + f"\nMade by:\n\n```\n{command}\n```\n")
+            + header + body + (f"\nNot run yet: {missing}.\n" if missing else "") + f"\nMade by:\n\n```\n{command}\n```\n")
     write_text_atomic(output / "summary.md", text)
     csv = "method,runs," + ",".join(f"{m},{m}_std" for m in METRICS) + ",seconds\n" + "".join(
         f"{r['method']},{r['runs']}," + ",".join(f"{_num(r[m])},{_num(r[m + '_std'])}" for m in METRICS)
@@ -260,7 +271,7 @@ def _plot(path: Path, rows: list[dict], results: list[dict]) -> None:
 
 
 def write_page(page: Path, section: str, title: str, results: list[dict], rows: list[dict], command: str,
-               plot: Path) -> None:
+               plot: Path, missing: str = "") -> None:
     """A comparison's section of a docs page: settings, the summary table with the published numbers
     beside it (labelled as such), every run's last accuracy row, the plot, the command."""
     config = results[0].get("config", {})
@@ -289,6 +300,7 @@ def write_page(page: Path, section: str, title: str, results: list[dict], rows: 
             "(std only where there are several runs). Our numbers are the default model on a 2-core CPU with the "
             "caps above; the published ones are T5-large on the full benchmark, shown for orientation, not as "
             "a like-for-like comparison.\n\n" + "\n".join(table)
+            + (f"\n\n**Not run yet** (rerun the command below to add them): {missing}." if missing else "")
             + "\n\nAccuracy after the last task, per run:\n\n" + "\n".join(lines)
             + f"\n\n![AA, BWT and accuracy matrices]({plot_link})\n\nMade by:\n\n```\n{command}\n```\n")
     update_section(page, section, text, title="# Results\n")

@@ -65,6 +65,16 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     rundir = (RunDir.open(output, cfg.to_dict(), resume, overwrite, RunConfig.RUN_CONTROL, RunConfig().to_dict())
               if main else RunDir(Path(output)))
     accelerator.wait_for_everyone()
+    stage_names = [s.name for s in p.stages]
+    records = rundir.completed(stage_names)
+    if len(records) == len(p.stages) and (not cfg.zero_shot or rundir.load_zero_shot()):
+        # A finished run is only summarised again: no model, adapters or weight deltas are needed, so
+        # a comparison over committed result runs (which keep no weights) still completes.
+        if main:
+            zero_shot = rundir.load_zero_shot()
+            _write_results(rundir, p, records, zero_shot["accuracy"] if zero_shot else None, final=True)
+        accelerator.wait_for_everyone()
+        return json.loads((rundir.path / "metrics.json").read_text())
 
     set_seed(cfg.seed)
     loaded = load_model(cfg.model)
@@ -74,8 +84,6 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     log_scalar = writer.add_scalar if writer else None
 
     zero_shot = _zero_shot(cfg, p, model, encoder, accelerator, rundir, shared_zero_shot) if cfg.zero_shot else None
-    stage_names = [s.name for s in p.stages]
-    records = rundir.completed(stage_names)
     if records:
         method.load(model, rundir.stage_dir(len(records) - 1, stage_names[len(records) - 1]))
         print(f"clora: resuming {rundir.path} after stage {len(records)} of {len(p.stages)}", flush=True)
