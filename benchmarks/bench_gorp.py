@@ -23,15 +23,11 @@ The results go to docs/benchmarks.md, section "gorp-step-cost", with the command
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +42,7 @@ from clora.models import load_model
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import update_section  # noqa: E402
+from peak_memory import peak_rss_mb, probe, reset_peak_rss, rss_now_mb  # noqa: E402
 
 VARIANTS = ("lora", "galore", "gorp")
 LABELS = {"lora": "plain PEFT LoRA (q, v)", "galore": "GaLore (gate_proj, frozen no-op LoRA)",
@@ -95,32 +92,6 @@ def train_step(model, method, optimizer, batch) -> tuple[float, float]:
     return time.perf_counter() - started, loss.item()
 
 
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    """Return freed heap to the OS and restart the kernel's peak-RSS count (VmHWM) from now: without
-    it the process peak is the model load's, the same for every variant."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def memory_probe(variant: str, args) -> dict:
     """Run in a fresh process: peak memory of training one variant (model and method state included)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,14 +101,14 @@ def memory_probe(variant: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak_rss()
-        before = _rss_now_mb()
+        reset = reset_peak_rss()
+        before = rss_now_mb()
     for _ in range(args.memory_steps):
         train_step(model, method, optimizer, batch)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
         return {"peak_mb": peak / 2**20, "increase_mb": (peak - base) / 2**20, "what": "CUDA peak allocated"}
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     what = "peak RSS during training" if reset else "process peak RSS (could not reset the count: load included)"
     return {"peak_mb": peak, "increase_mb": peak - before, "what": what}
 
@@ -180,12 +151,7 @@ def main() -> None:
     del built
     load_after = os.getloadavg()[0]
 
-    memory = {}
-    for v in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--probe", v, *sys.argv[1:]], check=True,
-                             capture_output=True, text=True).stdout
-        memory[v] = json.loads(out.strip().splitlines()[-1])
-        print(f"memory {v}: {memory[v]}", flush=True)
+    memory = {v: probe(__file__, v) for v in VARIANTS}
 
     mean = {v: statistics.mean(times[v]) for v in VARIANTS}
     spread = {v: statistics.stdev(times[v]) if len(times[v]) > 1 else 0.0 for v in VARIANTS}

@@ -1,58 +1,45 @@
 #!/usr/bin/env bash
-# The comparisons of docs/results.md: each section is one `clora compare` command, which writes its
-# run directories under results/, its summary (md/csv/json/png) and its section of docs/results.md.
-# Rerunning resumes every unfinished run; REPORT_ONLY=1 trains nothing and only rewrites the summaries
-# and sections from the run directories as they stand.
+# Every comparison of docs/results.md, in the order they are worth running: each section is one
+# `clora compare` command, which writes its run folders under results/, its summary (md/csv/json/png)
+# and its section of docs/results.md (a page section lists the runs of its grid not made yet).
+# Rerunning resumes: finished runs are only read back, a run killed mid-task restarts that task.
 #
-#   JOBS=8 bash benchmarks/results_grid.sh        # runs at once per command (three lanes side by side)
+#   JOBS=2 bash benchmarks/results_grid.sh     # JOBS runs at once (2 on the 2-core CPU here)
+#   REPORT_ONLY=1 bash benchmarks/results_grid.sh    # train nothing: rewrite summaries and sections
 #
-# Caps (SPEC §4 proxy): 192 training items per task, 1 epoch, lr 2e-3, rank 8, batch 8, where SeqLoRA
-# learns each task and then forgets it; 100 test items per task (32 left AA noisy to ±3 points).
+# The proxy of SPEC §4, calibrated on SeqLoRA: 192 training items per task, 1 epoch, lr 2e-3, rank 8,
+# batch 8, 32 test items, where SeqLoRA learns each task and then forgets it. Method-specific rates,
+# the same for every order: DEAL's filter/MLP rate (its task 1 is plain LoRA at --lr), the full-rank
+# rate of GORP (its LoRA at --lr) and of GaLore.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CLORA=${CLORA:-clora}
-JOBS=${JOBS:-8}
-run_control="--jobs $JOBS"
-[ "${REPORT_ONLY:-0}" = 1 ] && run_control="--report-only"
-common=(--lr 2e-3 --rank 8 --eval-batch-size 64 --page docs/results.md)
-# Method-specific rates, the same for every order: DEAL's filter/MLP rate (its task 1 is plain LoRA at
-# the common rate), the full-rank rate of GORP and GaLore (GORP's LoRA at the common rate).
-rates=(--for deal update_lr=5e-4 --for gorp full_lr=1e-3)
-galore_rate=(--for galore full_lr=1e-3)
+how="--jobs ${JOBS:-2}"
+[ "${REPORT_ONLY:-0}" = 1 ] && how="--report-only"
+proxy=(--test-per-task 32 --lr 2e-3 --rank 8 --page docs/results.md)
 
-# Three lanes side by side (one GPU is shared well by many small runs); each lane's commands in turn.
-lane_standard() {
-  $CLORA compare --methods seq-lora,inc-lora,o-lora,ewc,replay,galore,deal,gorp,mtl,per-task-ft --orders 1,2,3 \
-    --train-per-task 192 --test-per-task 100 --eval-all --zero-shot "${rates[@]}" "${galore_rate[@]}" "${common[@]}" \
-    --output results/standard --section standard \
-    --title "Standard benchmark (4 tasks), orders 1-3: every method" $run_control
-}
+# (a) The standard benchmark, every method, orders 1-3.
+$CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl,galore,inc-lora,ewc,replay,per-task-ft --orders 1,2,3 \
+  --train-per-task 192 "${proxy[@]}" --for deal update_lr=5e-4 --for gorp full_lr=1e-3 --for galore full_lr=1e-3 \
+  --output results/proxy-standard --section standard --title "Standard benchmark (4 tasks), orders 1-3" $how
 
-lane_long() {
-  $CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl --orders 4 --train-per-task 96 --test-per-task 50 \
-    "${rates[@]}" "${common[@]}" --output results/long --section long \
-    --title "Long benchmark (15 tasks), order 4: smaller caps" $run_control
-}
+# What was tried for DEAL and GORP on order 1 (the rates above were chosen from these).
+$CLORA compare --methods gorp --orders 1 --train-per-task 192 "${proxy[@]}" --for gorp full_lr=2e-5 \
+  --output results/proxy-order1-gorp-full-lr-2e-5 --section gorp-full-lr-2e-5 \
+  --title "GORP at a full-rank rate of 2e-5 (order 1)" $how
+$CLORA compare --methods deal --orders 1 --train-per-task 192 "${proxy[@]}" --for deal update_lr=1e-3 \
+  --output results/proxy-order1-deal-update-lr --section deal-update-lr \
+  --title "DEAL at a filter/MLP rate of 1e-3 (order 1)" $how
 
-lane_data() {
-  for n in 16 64 256; do
-    $CLORA compare --methods seq-lora,o-lora,deal,gorp --orders 1 --train-per-task $n --test-per-task 100 \
-      --eval-all --zero-shot "${rates[@]}" "${common[@]}" --output results/data-$n --section data-$n \
-      --title "Data efficiency: $n training items per task (order 1)" $run_control
-  done
-  # What was tried for DEAL below O-LoRA: the paper's T5 rank, and a faster filter/MLP rate.
-  $CLORA compare --methods deal --orders 1 --train-per-task 192 --test-per-task 100 --eval-all --zero-shot \
-    --for deal rank=16 --for deal update_lr=5e-4 "${common[@]}" --output results/deal-rank16 --section deal-rank16 \
-    --title "DEAL tuning: rank 16 (order 1)" $run_control
-  $CLORA compare --methods deal --orders 1 --train-per-task 192 --test-per-task 100 --eval-all --zero-shot \
-    --for deal update_lr=2e-3 "${common[@]}" --output results/deal-update-lr --section deal-update-lr \
-    --title "DEAL tuning: filter/MLP rate 2e-3 (order 1)" $run_control
-}
+# (c) Data efficiency: the same methods and settings with 16 and 64 training items per task (192 is (a)).
+for n in 16 64; do
+  $CLORA compare --methods seq-lora,o-lora,deal,gorp --orders 1 --train-per-task $n "${proxy[@]}" \
+    --for deal update_lr=5e-4 --for gorp full_lr=1e-3 --output results/proxy-data-$n --section data-$n \
+    --title "Data efficiency: $n training items per task (order 1)" $how
+done
+python benchmarks/data_efficiency.py --order 1 results/proxy-data-16 results/proxy-data-64 results/proxy-standard
 
-if [ "${REPORT_ONLY:-0}" = 1 ]; then
-  lane_standard; lane_long; lane_data
-else
-  lane_long & lane_data & lane_standard; wait
-  # The lanes wrote docs/results.md concurrently; rewrite every section once more, one after another.
-  REPORT_ONLY=1 bash "$0"
-fi
+# (b) The long benchmark (15 tasks), order 4, with smaller caps.
+$CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl --orders 4 --train-per-task 64 --test-per-task 20 \
+  --lr 2e-3 --rank 8 --page docs/results.md --for deal update_lr=5e-4 --for gorp full_lr=1e-3 \
+  --output results/proxy-long --section long --title "Long benchmark (15 tasks), order 4" $how
