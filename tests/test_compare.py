@@ -103,3 +103,18 @@ def test_parallel_jobs_give_the_same_runs_report_failures_and_resume(tiny_bench,
     assert [r["accuracy_matrix"] for r in parallel["runs"]] == [r["accuracy_matrix"] for r in serial["runs"]]
     assert "--jobs" not in (tmp_path / "par" / "summary.md").read_text()  # how it ran is not what it computed
     capsys.readouterr()
+
+
+def test_page_shows_each_method_per_order_so_methods_are_compared_on_shared_orders():
+    from clora.compare import _by_order_table
+
+    def run(method, order, aa, bwt, status="complete"):
+        return {"method": method, "order": order, "status": status, "metrics": {"AA": aa, "BWT": bwt}}
+
+    table = _by_order_table([run("deal", "1", 60.0, -2.0), run("deal", "2", 50.0, -4.0),
+                             run("o-lora", "1", 64.0, -4.0, status="partial: 2 of 4 stages done")])
+    lines = table.splitlines()
+    assert lines[0] == "| method | order 1 | order 2 |"
+    assert lines[2] == "| deal | 60.0 (-2.0) | 50.0 (-4.0) |"
+    assert lines[3] == "| o-lora | 64.0 (-4.0) partial | — |"
+    assert _by_order_table([run("deal", "1", 60.0, -2.0)]) == ""  # one order: nothing to break down

@@ -270,6 +270,26 @@ def _plot(path: Path, rows: list[dict], results: list[dict]) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
+def _by_order_table(results: list[dict]) -> str:
+    """AA (BWT) of each method on each order ("" for a single order)."""
+    orders = sorted({r["order"] for r in results})
+    if len(orders) < 2:
+        return ""
+    lines = ["| method | " + " | ".join(f"order {o}" for o in orders) + " |", "|---|" + "---:|" * len(orders)]
+    for method in dict.fromkeys(r["method"] for r in results):
+        cells = []
+        for order in orders:
+            runs = [r for r in results if r["method"] == method and r["order"] == order]
+            aa = [r["metrics"]["AA"] for r in runs if r["metrics"].get("AA") is not None]
+            bwt = [r["metrics"]["BWT"] for r in runs if r["metrics"].get("BWT") is not None]
+            cell = f"{statistics.fmean(aa):.1f}" if aa else "—"
+            cell += f" ({statistics.fmean(bwt):+.1f})" if bwt else ""
+            cell += "" if all(r["status"] == "complete" for r in runs) else " partial"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_page(page: Path, section: str, title: str, results: list[dict], rows: list[dict], command: str,
                plot: Path, missing: str = "") -> None:
     """A comparison's section of a docs page: settings, the summary table with the published numbers
@@ -295,12 +315,15 @@ def write_page(page: Path, section: str, title: str, results: list[dict], rows: 
         lines.append(f"* {res['method']}, order {res['order']}, seed {res['seed']}: {cells}"
                      + ("" if res["status"] == "complete" else f" ({res['status']})"))
     plot_link = os.path.relpath(plot.resolve(), page.resolve().parent)
+    by_order = _by_order_table(results)
     text = (f"## {title}\n\n{settings}; orders {', '.join(sorted({r['order'] for r in results}))}, seeds "
             f"{', '.join(str(s) for s in sorted({r['seed'] for r in results}))}; mean ± std over orders and seeds "
             "(std only where there are several runs). Our numbers are the default model on a 2-core CPU with the "
             "caps above; the published ones are T5-large on the full benchmark, shown for orientation, not as "
             "a like-for-like comparison.\n\n" + "\n".join(table)
             + (f"\n\n**Not run yet** (rerun the command below to add them): {missing}." if missing else "")
+            + (f"\n\nAA (BWT) per order, mean over seeds: a method's mean above is over the orders it has run, "
+               f"so compare methods on the orders they share.\n\n{by_order}" if by_order else "")
             + "\n\nAccuracy after the last task, per run:\n\n" + "\n".join(lines)
             + f"\n\n![AA, BWT and accuracy matrices]({plot_link})\n\nMade by:\n\n```\n{command}\n```\n")
     update_section(page, section, text, title="# Results\n")
