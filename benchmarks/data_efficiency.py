@@ -41,8 +41,9 @@ def collect(folders: list[Path], order: str) -> dict[str, dict[int, list[dict]]]
     return found
 
 
-def mean(runs: list[dict], key: str) -> float:
-    return statistics.fmean(r[key] for r in runs)
+def mean(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]  # BWT is None for one-stage MTL
+    return statistics.fmean(values) if values else None
 
 
 def plot(path: Path, found: dict, sizes: list[int]) -> None:
@@ -50,7 +51,7 @@ def plot(path: Path, found: dict, sizes: list[int]) -> None:
     for col, (key, label) in enumerate([("AA", "AA (%)"), ("BWT", "BWT (points)")]):
         ax = fig.add_subplot(1, 2, col + 1)
         for method, by_size in found.items():
-            xs = [n for n in sizes if n in by_size]
+            xs = [n for n in sizes if n in by_size and mean(by_size[n], key) is not None]
             ax.plot(xs, [mean(by_size[n], key) for n in xs], marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(n) for n in sizes])
@@ -76,7 +77,11 @@ def main() -> None:
     if not found:
         sys.exit(f"data_efficiency: error: no complete run of order {args.order} in {', '.join(map(str, args.folders))}")
     sizes = sorted({n for by_size in found.values() for n in by_size})
-    cell = lambda runs: (f"{mean(runs, 'AA'):.1f} ({mean(runs, 'BWT'):+.1f})" if runs else "—")  # noqa: E731
+    def cell(runs: list[dict]) -> str:
+        if not runs:
+            return "—"
+        bwt = mean(runs, "BWT")
+        return f"{mean(runs, 'AA'):.1f}" + (f" ({bwt:+.1f})" if bwt is not None else "")
     rows = [f"| {method} | " + " | ".join(cell(by_size.get(n, [])) for n in sizes) + " |"
             for method, by_size in found.items()]
     plot(args.plot, found, sizes)

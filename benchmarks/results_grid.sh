@@ -37,7 +37,7 @@ for n in 16 64; do
     --for deal update_lr=5e-4 --for gorp full_lr=1e-3 --output results/proxy-data-$n --section data-$n \
     --title "Data efficiency: $n training items per task (order 1)" $how
 done
-python benchmarks/data_efficiency.py --order 1 results/proxy-data-16 results/proxy-data-64 results/proxy-standard
+${PYTHON:-python} benchmarks/data_efficiency.py --order 1 results/proxy-data-16 results/proxy-data-64 results/proxy-standard
 
 # (b) The long benchmark (15 tasks), order 4, with smaller caps.
 $CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl --orders 4 --train-per-task 64 --test-per-task 20 \
