@@ -126,7 +126,7 @@ def run_parallel(grid, output: Path, jobs: int) -> list[str]:
                 run_dir = run_dir_of(output, method, order, seed)
                 name = f"{method}-order{order}-seed{seed}"
                 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
-                       "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+                       "PYTHONUNBUFFERED": "1"}
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
                 log = (logs / f"{name}.log").open("a")
