@@ -135,6 +135,7 @@ def _compare(args, argv: list[str] | None) -> int:
 
     from . import compare
     from .continual import run
+    from .parallel import run_parallel
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in _GRID_FIELDS}
     base = RunConfig(**values, tasks=None)
@@ -154,7 +155,7 @@ def _compare(args, argv: list[str] | None) -> int:
         raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
     output = Path(args.output)
     parallel = args.jobs > 1 and not args.report_only
-    failed = compare.run_parallel(grid, output, args.jobs) if parallel else []
+    failed = run_parallel(grid, output, args.jobs) if parallel else []
     results = compare.run_grid(grid, output, run, report_only=args.report_only or parallel)
     if not results:
         raise UserError(f"{output} holds none of these runs yet" + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -67,12 +67,12 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
     accelerator.wait_for_everyone()
     stage_names = [s.name for s in p.stages]
     records = rundir.completed(stage_names)
-    if len(records) == len(p.stages) and (not cfg.zero_shot or rundir.load_zero_shot()):
+    saved_zero_shot = rundir.load_zero_shot() if cfg.zero_shot else None
+    if len(records) == len(p.stages) and (not cfg.zero_shot or saved_zero_shot):
         # A finished run is only summarised again: no model, adapters or weight deltas are needed, so
         # a comparison over committed result runs (which keep no weights) still completes.
         if main:
-            zero_shot = rundir.load_zero_shot()
-            _write_results(rundir, p, records, zero_shot["accuracy"] if zero_shot else None, final=True)
+            _write_results(rundir, p, records, saved_zero_shot["accuracy"] if saved_zero_shot else None, final=True)
         accelerator.wait_for_everyone()
         return json.loads((rundir.path / "metrics.json").read_text())
 
