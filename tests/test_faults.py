@@ -87,7 +87,7 @@ def test_killed_eight_times_and_resumed_ends_identical(tiny_llama, tiny_bench, t
     finished = _cli(tiny_llama, tiny_bench, out, "seq-lora", resume=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     _assert_same(_outcome(out), _outcome(reference))
-    assert not (out / "in_progress").exists() or not any((out / "in_progress").iterdir())
+    assert not (out / "in_progress").exists()
 
 
 @pytest.mark.parametrize("method", ["deal", "gorp"])

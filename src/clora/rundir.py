@@ -82,7 +82,10 @@ class RunDir:
         return self.path / "in_progress" / f"{index + 1:02d}-{name}"
 
     def drop_in_progress(self, index: int, name: str) -> None:
-        shutil.rmtree(self.in_progress(index, name), ignore_errors=True)
+        stage = self.in_progress(index, name)
+        shutil.rmtree(stage, ignore_errors=True)
+        if stage.parent.is_dir() and not any(stage.parent.iterdir()):
+            stage.parent.rmdir()  # a finished run leaves no empty in_progress/ behind
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.stages / f"{index + 1:02d}-{name}"
