@@ -29,15 +29,13 @@ from pathlib import Path
 
 import torch
 
-from clora.benchmark import Benchmark, default_benchmark_dir
-from clora.encoding import Encoder
-from clora.methods import Settings, Stage, StageData, build_method
+from clora.methods import Settings, build_method
 from clora.methods.deal import FactorGroup
-from clora.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import update_section  # noqa: E402
+from step_setup import bare_stage, model_and_batch  # noqa: E402
 
 VARIANTS = ("lora", "deal")
 # In the memory probes every allocation above 64 KiB is its own mmap, returned to the system when
@@ -46,28 +44,20 @@ VARIANTS = ("lora", "deal")
 MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"}
 
 
-def _stage(index: int) -> StageData:
-    return StageData(Stage(index, f"task{index + 1}", [f"task{index + 1}"]), {}, [], None, None, None)
-
-
 def build(variant: str, args, device: torch.device):
     """(model, method, optimizer, batch) for one variant, ready to train."""
-    loaded = load_model(args.model)
-    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder)
-    task = Benchmark(default_benchmark_dir()).load_task(args.task, train_cap=args.batch, sample_seed=0)
-    batch = encoder.collate_train([encoder.example(task.prompt(item), item.label) for item in task.train])
-    batch = {k: v.to(device) for k, v in batch.items()}
+    loaded, batch = model_and_batch(args.model, args.task, args.batch, device)
     settings = Settings(rank=args.rank, lr=2e-3)
     method = build_method("deal" if variant == "deal" else "seq-lora", settings, args.option)
     model = method.attach(loaded.model).to(device)
-    method.on_task_start(model, _stage(0))
+    method.on_task_start(model, bare_stage(0))
     if variant == "deal":
         torch.manual_seed(0)
         with torch.no_grad():  # a task-1 LoRA: B is non-zero after training
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.02)
-        method.on_task_start(model, _stage(1))
+        method.on_task_start(model, bare_stage(1))
     model.train()
     optimizer = method.make_optimizer(model)
     return model, method, optimizer, batch

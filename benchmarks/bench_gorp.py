@@ -34,14 +34,12 @@ from pathlib import Path
 
 import torch
 
-from clora.benchmark import Benchmark, default_benchmark_dir
-from clora.encoding import Encoder
-from clora.methods import Settings, Stage, StageData, build_method
-from clora.models import load_model
+from clora.methods import Settings, build_method
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import update_section  # noqa: E402
+from step_setup import bare_stage, model_and_batch  # noqa: E402
 from peak_memory import peak_rss_mb, probe, reset_peak_rss, rss_now_mb  # noqa: E402
 
 VARIANTS = ("lora", "galore", "gorp")
@@ -49,29 +47,21 @@ LABELS = {"lora": "plain PEFT LoRA (q, v)", "galore": "GaLore (gate_proj, frozen
           "gorp": "GORP at task 2 (new LoRA + gate_proj, S)"}
 
 
-def _stage(index: int) -> StageData:
-    return StageData(Stage(index, f"task{index + 1}", [f"task{index + 1}"]), {}, [], None, None, None)
-
-
 def build(variant: str, args, device: torch.device):
     """(model, method, optimizer, batch) for one variant, ready to train."""
-    loaded = load_model(args.model)
-    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder)
-    task = Benchmark(default_benchmark_dir()).load_task(args.task, train_cap=args.batch, sample_seed=0)
-    batch = encoder.collate_train([encoder.example(task.prompt(item), item.label) for item in task.train])
-    batch = {k: v.to(device) for k, v in batch.items()}
+    loaded, batch = model_and_batch(args.model, args.task, args.batch, device)
     settings = Settings(rank=args.rank, lr=2e-3)
     options = [f"rank={args.k}", f"update_gap={args.gap}"]
     method = build_method({"lora": "seq-lora"}.get(variant, variant), settings, [] if variant == "lora" else options)
     torch.manual_seed(0)
     model = method.attach(loaded.model).to(device)
     model.train()
-    method.on_task_start(model, _stage(0))
+    method.on_task_start(model, bare_stage(0))
     optimizer = method.make_optimizer(model)
     if variant == "gorp":  # task 1 (one step builds S from Adam's first moment), then task 2 starts
         train_step(model, method, optimizer, batch)
-        method.on_task_end(model, _stage(0), optimizer)
-        method.on_task_start(model, _stage(1))
+        method.on_task_end(model, bare_stage(0), optimizer)
+        method.on_task_start(model, bare_stage(1))
         optimizer = method.make_optimizer(model)
     return model, method, optimizer, batch
 
