@@ -23,13 +23,16 @@ $CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl,galore,inc-lora,ewc,repla
   --train-per-task 192 "${proxy[@]}" --for deal update_lr=5e-4 --for gorp full_lr=1e-3 --for galore full_lr=1e-3 \
   --output results/proxy-standard --section standard --title "Standard benchmark (4 tasks), orders 1-3" $how
 
-# What was tried for DEAL and GORP on order 1 (the rates above were chosen from these).
+# What was tried for DEAL and GORP (the rates above were chosen from the order-1 tries).
 $CLORA compare --methods gorp --orders 1 --train-per-task 192 "${proxy[@]}" --for gorp full_lr=2e-5 \
   --output results/proxy-order1-gorp-full-lr-2e-5 --section gorp-full-lr-2e-5 \
   --title "GORP at a full-rank rate of 2e-5 (order 1)" $how
 $CLORA compare --methods deal --orders 1 --train-per-task 192 "${proxy[@]}" --for deal update_lr=1e-3 \
   --output results/proxy-order1-deal-update-lr --section deal-update-lr \
   --title "DEAL at a filter/MLP rate of 1e-3 (order 1)" $how
+$CLORA compare --methods deal --orders 2 --train-per-task 192 "${proxy[@]}" --for deal update_lr=5e-4 \
+  --for deal lambda2=0.01 --output results/proxy-order2-deal-lambda2 --section deal-lambda2 \
+  --title "DEAL with a 10x MLP penalty, lambda2 0.01 (order 2)" $how
 
 # (c) Data efficiency: the same methods and settings with 16 and 64 training items per task (192 is (a)).
 for n in 16 64; do
