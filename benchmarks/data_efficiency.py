@@ -51,8 +51,8 @@ def plot(path: Path, found: dict, sizes: list[int]) -> None:
     for col, (key, label) in enumerate([("AA", "AA (%)"), ("BWT", "BWT (points)")]):
         ax = fig.add_subplot(1, 2, col + 1)
         for method, by_size in found.items():
-            xs = [n for n in sizes if n in by_size and mean(by_size[n], key) is not None]
-            ax.plot(xs, [mean(by_size[n], key) for n in xs], marker="o", label=method)
+            points = [(n, value) for n in sizes if n in by_size and (value := mean(by_size[n], key)) is not None]
+            ax.plot([n for n, _ in points], [value for _, value in points], marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("training items per task")
