@@ -43,6 +43,7 @@ def test_method_runs_and_writes_results(method, tiny_model, tiny_bench, tmp_path
     assert all(v is not None for v in rows[-1])
     assert result["metrics"]["AA"] == pytest.approx(sum(rows[-1]) / 2)
     assert all(n > 0 for n in result["trainable_parameters"])
+    assert f"method `{method}`, model" in (out / "report.md").read_text()  # the options recorded, no stray space
 
 
 def test_inc_lora_grows_rank_and_reloads(tiny_llama, tiny_bench3, tmp_path):

@@ -233,7 +233,7 @@ def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: 
     rouge = [last["rouge1"].get(n) for n in names]
     status = "complete" if final else f"partial: {len(records)} of {len(p.stages)} stages done"
     notes = [f"Status: **{status}**.",
-             f"Command options: method `{cfg.method}` {' '.join(cfg.method_options)}, model `{cfg.model}`, "
+             f"Command options: method `{cfg.method}`{''.join(' ' + o for o in cfg.method_options)}, model `{cfg.model}`, "
              f"order `{p.order_label}`, train/test per task {cfg.train_per_task}/{cfg.test_per_task}, "
              f"lr {cfg.lr}, rank {cfg.rank}, epochs {cfg.epochs}, batch {cfg.batch_size}x{cfg.grad_accum}, seed {cfg.seed}.",
              "Trainable parameters per stage: " + ", ".join(f"{r['stage']} {r['trainable_parameters']:,}" for r in records) + "."]
