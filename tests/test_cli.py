@@ -96,6 +96,28 @@ def test_output_holding_another_run_is_refused(tiny_bench, tiny_llama, tmp_path,
     assert (out / "metrics.json").read_text() == "{}"  # nothing was touched
 
 
+def test_run_folder_held_by_another_process_is_refused(tiny_bench, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(  # another clora process with the folder open, as a concurrent resume would
+        [sys.executable, "-c", "import sys; from clora.rundir import RunDir; "
+         f"RunDir.open({str(out)!r}, {{'method': 'other'}}, False, False); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, err = run_cli(base_args(tiny_bench, out, tiny_llama) + extra, capsys)
+            _assert_one_line_error(code, err, str(out), "in use by another clora process", f"pid {holder.pid}")
+            assert json.loads((out / "config.json").read_text()) == {"method": "other"}  # not overwritten
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock dies with its process: the folder is free again, with no stale lock to clear by hand.
+    code, err = run_cli(base_args(tiny_bench, out, tiny_llama) + ["--overwrite", "--train-per-task", "2",
+                                                                  "--test-per-task", "2"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+
+
 def test_cli_runs_end_to_end_as_a_process(tiny_bench, tiny_llama, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "clora.cli", *base_args(tiny_bench, out, tiny_llama),

@@ -23,7 +23,7 @@ from .errors import UserError
 from .evaluation import TaskScore, evaluate_task
 from .methods import Method, Settings, Stage, StageData, build_method
 from .models import load_model
-from .rundir import RunDir
+from .rundir import RunDir, unlock
 from .trainer import TrainOptions, train_stage
 
 
@@ -54,6 +54,14 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
         accelerator: Accelerator | None = None, shared_zero_shot: Path | None = None) -> dict:
     """Run a method over a task order; returns the contents of metrics.json. `shared_zero_shot`: a
     file holding the zero-shot row of the same model, tasks and caps (reused, or written once)."""
+    try:
+        return _run(config, output, resume, overwrite, accelerator, shared_zero_shot)
+    finally:
+        unlock(output)  # the output folder is this process's while it runs (see RunDir.open)
+
+
+def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
+         accelerator: Accelerator | None, shared_zero_shot: Path | None) -> dict:
     p = prepare(config)
     cfg, method = p.config, p.method
     accelerator = accelerator or make_accelerator(cfg)

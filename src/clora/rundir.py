@@ -9,13 +9,16 @@ after the last complete stage.
     stages/01-<task>/adapter/        plain PEFT adapter after the stage
     stages/01-<task>/predictions/    one JSONL per evaluated task
     stages/01-<task>/stage.json      the accuracy row, ROUGE-1, trainable parameters, losses, times
+    .clora.lock                      held (flock) by the process writing the run, which it names
     in_progress/01-<task>/step-N/    the step checkpoint of the stage being trained (removed at commit)
     metrics.json, accuracy_matrix.csv, report.md, accuracy_matrix.png, accuracy_curves.png
     tb/                              TensorBoard logs
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -23,6 +26,40 @@ from typing import Callable
 from . import faults
 from .atomic import write_json_atomic
 from .errors import UserError, guard_disk
+
+
+LOCK_NAME = ".clora.lock"
+_held_locks: dict[Path, object] = {}  # run folder -> the open lock file, in this process
+
+
+def _lock(path: Path) -> None:
+    """Hold the run folder for this process: a second clora process resuming the same folder would
+    train the same stages twice and overwrite its checkpoints. flock dies with its process, so a
+    killed run never leaves the folder locked."""
+    key = path.resolve()
+    if key in _held_locks:
+        return
+    try:
+        handle = open(path / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise UserError(f"output {path} is not writable: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{path} is in use by another clora process ({owner}); wait for it to end or stop it") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def unlock(path: str | Path) -> None:
+    handle = _held_locks.pop(Path(path).resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 class RunDir:
@@ -39,9 +76,14 @@ class RunDir:
         config_file = run.path / "config.json"
         if run.path.exists() and not run.path.is_dir():
             raise UserError(f"output {run.path} exists and is not a directory")
-        holds_something = run.path.is_dir() and any(run.path.iterdir())
+        with guard_disk(run.path):
+            run.path.mkdir(parents=True, exist_ok=True)
+        _lock(run.path)
+        holds_something = any(p.name != LOCK_NAME for p in run.path.iterdir())
         if holds_something and overwrite:
-            shutil.rmtree(run.path)
+            for child in run.path.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif holds_something and resume:
             if not config_file.is_file():
                 raise UserError(f"cannot resume: {run.path} holds no clora run (no config.json)")
@@ -54,8 +96,6 @@ class RunDir:
         elif holds_something:
             what = "a different run" if config_file.is_file() else "other files"
             raise UserError(f"output {run.path} already holds {what}; pass --resume to continue it or --overwrite to replace it")
-        with guard_disk(run.path):
-            run.path.mkdir(parents=True, exist_ok=True)
         run._check_writable()
         if not config_file.is_file():
             with guard_disk(config_file):
