@@ -96,6 +96,16 @@ def test_output_holding_another_run_is_refused(tiny_bench, tiny_llama, tmp_path,
     assert (out / "metrics.json").read_text() == "{}"  # nothing was touched
 
 
+@pytest.mark.parametrize("extra, needle", [([], "other files"), (["--resume"], "no clora run")])
+def test_output_holding_other_files_is_refused_untouched(extra, needle, tiny_bench, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, err = run_cli(base_args(tiny_bench, out, "unused-model") + extra, capsys)
+    _assert_one_line_error(code, err, str(out), needle)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no lock file left in a folder not ours
+
+
 def test_run_folder_held_by_another_process_is_refused(tiny_bench, tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen(  # another clora process with the folder open, as a concurrent resume would

@@ -39,10 +39,7 @@ def _lock(path: Path) -> None:
     key = path.resolve()
     if key in _held_locks:
         return
-    try:
-        handle = open(path / LOCK_NAME, "a+")
-    except OSError as exc:
-        raise UserError(f"output {path} is not writable: {exc.strerror}") from None
+    handle = open(path / LOCK_NAME, "a+")  # the folder was just checked writable
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -54,6 +51,10 @@ def _lock(path: Path) -> None:
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
     handle.flush()
     _held_locks[key] = handle
+
+
+def _holds_something(path: Path) -> bool:
+    return any(p.name != LOCK_NAME for p in path.iterdir())
 
 
 def unlock(path: str | Path) -> None:
@@ -76,17 +77,20 @@ class RunDir:
         config_file = run.path / "config.json"
         if run.path.exists() and not run.path.is_dir():
             raise UserError(f"output {run.path} exists and is not a directory")
+        if not overwrite and run.path.is_dir() and not config_file.is_file() and _holds_something(run.path):
+            # Not a clora run: refused before the lock, so that no lock file is left in someone else's folder.
+            raise UserError(f"cannot resume: {run.path} holds no clora run (no config.json)" if resume else
+                            f"output {run.path} already holds other files; pass --resume to continue it or --overwrite to replace it")
         with guard_disk(run.path):
             run.path.mkdir(parents=True, exist_ok=True)
+        run._check_writable()
         _lock(run.path)
-        holds_something = any(p.name != LOCK_NAME for p in run.path.iterdir())
+        holds_something = _holds_something(run.path)
         if holds_something and overwrite:
             for child in run.path.iterdir():
                 if child.name != LOCK_NAME:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif holds_something and resume:
-            if not config_file.is_file():
-                raise UserError(f"cannot resume: {run.path} holds no clora run (no config.json)")
             previous = {**(defaults or {}), **json.loads(config_file.read_text())}
             changed = sorted(k for k in set(previous) | set(config)
                              if k not in run_control and previous.get(k) != config.get(k))
@@ -94,9 +98,8 @@ class RunDir:
                 details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
                 raise UserError(f"cannot resume {run.path}: options differ from the run there ({details})")
         elif holds_something:
-            what = "a different run" if config_file.is_file() else "other files"
-            raise UserError(f"output {run.path} already holds {what}; pass --resume to continue it or --overwrite to replace it")
-        run._check_writable()
+            raise UserError(f"output {run.path} already holds a different run; pass --resume to continue it or "
+                            "--overwrite to replace it")
         if not config_file.is_file():
             with guard_disk(config_file):
                 write_json_atomic(config_file, config)
