@@ -113,7 +113,7 @@ def test_a_group_computes_each_factor_as_if_alone(kernel):
 def test_options_parse_and_bad_values_are_user_errors():
     method = build_method("deal", Settings(), ["factors=B", "kernel=wavelet", "num_kernels=3", "lambda1=0.5"])
     assert method.options == DEALOptions(factors="B", kernel="wavelet", num_kernels=3, lambda1=0.5)
-    for bad in (["factors=C"], ["kernel=gauss"], ["num_kernels=0"], ["lambda2=-1"], ["mlp_hidden=x"]):
+    for bad in (["factors=C"], ["kernel=gauss"], ["num_kernels=0"], ["lambda2=-1"], ["mlp_hidden=x"], ["a=0.5"]):
         with pytest.raises(UserError):
             build_method("deal", Settings(), bad)
 
@@ -222,23 +222,62 @@ def _train_task2(tiny_llama, options: list[str]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".filter." in n}
 
 
-def test_regulariser_enters_loss_and_gradient_and_moves_the_filter(tiny_llama):
-    model, method = _model_after_task1(tiny_llama, ["lambda1=1.0", "lambda2=0.0"])
+def _filter_and_mlp(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".filter." in n or ".update." in n}
+
+
+def test_penalty_is_zero_at_the_identity_start_and_pulls_back_towards_it_not_towards_zero(tiny_llama):
+    model, method = _model_after_task1(tiny_llama, ["lambda1=1.0", "lambda2=1.0", "a=2", "b=2"])
     method.on_task_start(model, _stage_data(1))
     penalty = method.penalty(model)
-    # gains 1 contribute λ1 · K · r each; centres and widths their |θ|^10.
-    assert penalty.requires_grad and penalty.item() >= 8 * 4 * 4
-    penalty.backward()
+    assert penalty.requires_grad and penalty.item() == 0.0
     gains = [p for n, p in model.named_parameters() if n.endswith("filter.gains")]
-    assert all(torch.allclose(g.grad, torch.full_like(g, 10.0)) for g in gains)  # λ1 a |g|^(a-1)
+    outer = [p for n, p in model.named_parameters() if n.endswith("update.outer_weight")]
+    with torch.no_grad():  # gains displaced both ways from their start (1); the MLP's output layer from 0
+        for g in gains:
+            g[..., 0] = 1.5
+            g[..., 1] = 0.5
+        for w in outer:
+            w.fill_(0.25)
+    method.penalty(model).backward()
+    for g in gains:
+        assert torch.all(g.grad[..., 0] > 0) and torch.all(g.grad[..., 1] < 0)  # descent moves both to 1
+        assert torch.all(g.grad[..., 2:] == 0)  # undisplaced gains feel nothing
+    for w in outer:
+        assert torch.allclose(w.grad, torch.full_like(w, 0.5))  # λ2 · 2 · (0.25 - 0)
 
-    free = _train_task2(tiny_llama, ["lambda1=0"])
-    held = _train_task2(tiny_llama, ["lambda1=1.0"])
-    assert free.keys() == held.keys()
-    assert any(not torch.allclose(free[n], held[n]) for n in free)
-    mean = {k: torch.stack([v.mean() for n, v in d.items() if n.endswith("gains")]).mean()
-            for k, d in (("free", free), ("held", held))}
-    assert mean["held"] < mean["free"]  # |g|^10 pulls the gains below 1: a low-pass filter
+
+def test_with_no_task_gradient_the_penalty_leaves_filter_and_mlp_at_the_identity(tiny_llama):
+    """The defect this centring fixes: |g|^10 on gains starting at 1 walked every gain towards 0 under
+    AdamW whatever the data. With only the penalty as loss, nothing may move."""
+    model, method = _model_after_task1(tiny_llama, [])  # default λ1, λ2, a, b
+    method.on_task_start(model, _stage_data(1))
+    start = _filter_and_mlp(model)
+    optimizer = method.make_optimizer(model)
+    for _ in range(5):
+        method.penalty(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = _filter_and_mlp(model)
+    assert start.keys() == after.keys() and any(".filter." in n for n in start)
+    assert all(torch.equal(start[n], after[n]) for n in start)
+
+
+def test_with_a_task_gradient_the_penalty_holds_the_filter_near_its_start(tiny_llama):
+    torch.manual_seed(0)
+    model, method = _model_after_task1(tiny_llama, [])
+    torch.manual_seed(0)
+    method.on_task_start(model, _stage_data(1))
+    start = {n: p for n, p in _filter_and_mlp(model).items() if ".filter." in n}
+    free = _train_task2(tiny_llama, ["lambda1=0", "a=2"])
+    held = _train_task2(tiny_llama, ["lambda1=100", "a=2"])
+    assert free.keys() == held.keys() == start.keys()
+    distance = {k: sum(float((d[n] - start[n]).norm()) for n in start) for k, d in (("free", free), ("held", held))}
+    assert 0 < distance["held"] < distance["free"]
+    gains = [n for n in start if n.endswith("gains")]
+    mean = {k: torch.stack([d[n].mean() for n in gains]).mean() for k, d in (("free", free), ("held", held))}
+    # Held towards 1, not towards 0: the held gains are no further below 1 than the free ones.
+    assert abs(mean["held"] - 1) <= abs(mean["free"] - 1)
 
 
 def _plain_lora_predictions(model_path: str, adapter_dir: Path, bench: Path, task: str, cfg) -> list[str]:

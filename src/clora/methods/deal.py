@@ -1,7 +1,12 @@
 """DEAL: one LoRA carried through all tasks. Task 1 trains it plainly; on every later task its factors
 are frozen and each chosen factor Y is re-parameterised as Y' = Y_f + MLP(Y_f), Y_f = Filter(Y):
 a learnable filter on Y's singular spectrum (knowledge retention) followed by a residual MLP over
-Y's columns (adaptive update), with the asymmetric penalty λ1 Σ|θ_filter|^a + λ2 Σ|θ_mlp|^b.
+Y's columns (adaptive update), with the asymmetric penalty λ1 Σ|θ_filter − θ_filter₀|^a +
+λ2 Σ|θ_mlp − θ_mlp₀|^b, θ₀ the values at the task's start (the identity). Centred so, the penalty
+measures the departure from the previous task's model: a task with no reason to move the filter
+leaves it alone. (Uncentred, |g|^10 on gains that start at 1 has a gradient of 10·λ1 per gain, larger
+than the task's, and AdamW walks every gain towards 0 at its full step in every task: a uniform
+shrinkage of the kept LoRA, i.e. forgetting.)
 After the task Y' is written back as the plain factor, so the saved model is a plain rank-r LoRA.
 
 The re-parameterisation is a `torch.nn.utils.parametrize` parametrization of the PEFT layers'
@@ -37,8 +42,8 @@ class DEALOptions:
     kernel: Literal["heat", "wavelet"] = "heat"  # spectral heat-kernel filter or Haar-wavelet gate
     num_kernels: int = 4  # heat kernels K
     mlp_hidden: int = 128  # hidden width of the adaptive-update MLP
-    lambda1: float = 0.01  # weight of the filter penalty Σ|θ1|^a
-    lambda2: float = 0.001  # weight of the MLP penalty Σ|θ2|^b
+    lambda1: float = 0.01  # weight of the filter penalty Σ|θ1 - θ1₀|^a (θ₀: the task's identity start)
+    lambda2: float = 0.001  # weight of the MLP penalty Σ|θ2 - θ2₀|^b
     a: float = 10.0
     b: float = 2.0
     update_lr: float = 0.0  # learning rate of the filter and MLP on tasks >= 2; 0: the run's --lr
@@ -50,7 +55,7 @@ class HeatFilter(nn.Module):
 
     The responses are normalised over the kernels (Σ_j w_jk = 1), so gains of 1 are the identity
     whatever the centres and widths; every parameter is of order 1 at the start (gains 1, centres
-    on normalised singular values, log σ² = -1), so |θ|^a with a large a stays a soft bound."""
+    on normalised singular values, log σ² = -1)."""
 
     def __init__(self, factors: list[torch.Tensor], num_kernels: int):
         super().__init__()
@@ -132,10 +137,21 @@ class FactorGroup(nn.Module):
         self.filter = (HeatFilter(factors, options.num_kernels) if options.kernel == "heat"
                        else HaarFilter(factors))
         self.update = ColumnMLP(self.original, options.mlp_hidden)
+        # The identity start the penalty is centred on. Plain tensors, not buffers: they are not part
+        # of any checkpoint; a resumed stage rebuilds the same start from the same seed.
+        self.filter_start = [p.detach().clone() for p in self.filter.parameters()]
+        self.update_start = [p.detach().clone() for p in self.update.parameters()]
         self._cached: tuple[tuple[int, ...], tuple[torch.Tensor, ...]] | None = None
 
     def invalidate(self) -> None:
         self._cached = None
+
+    def departure(self, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ|θ1 - θ1₀|^a over the filter's parameters and Σ|θ2 - θ2₀|^b over the MLP's."""
+        def term(params, starts, power):
+            return sum((p - p0).abs().pow(power).sum() for p, p0 in zip(params, starts))
+        return (term(self.filter.parameters(), self.filter_start, a),
+                term(self.update.parameters(), self.update_start, b))
 
     def output(self) -> tuple[torch.Tensor, ...]:
         """Y' of every factor of the group, in order."""
@@ -177,8 +193,9 @@ class DEAL(Method):
             if getattr(o, key) < 0:
                 raise UserError(f"deal option {key} must be >= 0, got {getattr(o, key)}")
         for key in ("a", "b"):
-            if getattr(o, key) <= 0:
-                raise UserError(f"deal option {key} must be > 0, got {getattr(o, key)}")
+            # Below 1, |θ - θ₀|^p has an infinite gradient at the start, where every task begins.
+            if getattr(o, key) < 1:
+                raise UserError(f"deal option {key} must be >= 1, got {getattr(o, key)}")
         self._linears: list[nn.Linear] = []  # the wrapped factors' layers, during a task t >= 2
         self._groups: list[FactorGroup] = []
         self._hook = None
@@ -218,8 +235,7 @@ class DEAL(Method):
         if not self._groups:
             return None
         o = self.options
-        filter_term = sum(p.abs().pow(o.a).sum() for g in self._groups for p in g.filter.parameters())
-        update_term = sum(p.abs().pow(o.b).sum() for g in self._groups for p in g.update.parameters())
+        filter_term, update_term = (sum(t) for t in zip(*(g.departure(o.a, o.b) for g in self._groups)))
         return o.lambda1 * filter_term + o.lambda2 * update_term
 
     def on_task_end(self, model, data: StageData, optimizer) -> None:
