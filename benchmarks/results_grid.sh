@@ -44,5 +44,5 @@ ${PYTHON:-python} benchmarks/data_efficiency.py --order 1 results/proxy-data-16 
 
 # (b) The long benchmark (15 tasks), order 4, with smaller caps.
 $CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl --orders 4 --train-per-task 64 --test-per-task 20 \
-  --lr 2e-3 --rank 8 --page docs/results.md --for deal update_lr=5e-4 --for gorp full_lr=1e-3 \
+  --lr 2e-3 --rank 8 --page docs/results.md --for deal update_lr=5e-4 --for gorp full_lr=1e-3 --for gorp preset=long \
   --output results/proxy-long --section long --title "Long benchmark (15 tasks), order 4" $how

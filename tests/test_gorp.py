@@ -1,9 +1,13 @@
 """GORP: the projected gradient and update are orthogonal to the shared space S; S is orthonormal,
-covers epsilon of the moment it was built from and grows across tasks; the full-rank deltas of task 1
-survive later tasks; saved artefacts (adapter + full deltas) reload to the same predictions; a resumed
-run ends identical to an uninterrupted one."""
+covers epsilon of the moment it was built from and grows across tasks; that moment is Adam's first
+moment in the full space, each part lifted through the basis it was gathered under (and survives a
+reload of the optimizer); with shared_space=false nothing is projected and the full-rank matrices step
+as GaLore's; preset=long sets k, T, alpha; the full-rank deltas of task 1 survive later tasks; saved
+artefacts (adapter + full deltas) reload to the same predictions; a resumed run ends identical to an
+uninterrupted one."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +25,8 @@ from clora.evaluation import evaluate_task
 from clora.full_weights import DELTAS_FILE, load_stage_model
 from clora.methods import Settings, Stage, StageData, build_method
 from clora.models import load_model
-from clora.projection import coverage, first_moment, grow_space
+from clora.projection import (GaLoreProjection, OrthogonalGaLoreProjection, ProjectedOptimizer, coverage, first_moment,
+                              grow_space)
 from conftest import tiny_config, write_tiny_benchmark
 
 OPTIONS = ["full_lr=1e-2", "update_gap=2", "rank=4"]
@@ -127,6 +132,194 @@ def test_space_is_orthonormal_and_covers_epsilon_and_projection_is_orthogonal_to
         assert change.norm() > 0, key
         # the weights' action on span(S) is unchanged: Adam's scaling does not leak back into S
         assert (change @ method.spaces[key]).norm() <= 1e-5 * change.norm(), key
+
+
+# -- the first moment the shared space is built from
+
+def _toy_optimizer(shape, side, track=True):
+    """One matrix in a rank-3 subspace refreshed every 3 steps, on the given side."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape))
+    proj = (OrthogonalGaLoreProjection(3, 3, 0.25, None, svd="full") if side == "right"  # GORP's own
+            else GaLoreProjection(3, 3, 0.25, proj_type="left", svd="full"))
+    opt = ProjectedOptimizer([{"params": [p], "lr": 0.01, "projections": [proj]}], torch.optim.AdamW,
+                             lr=0.01, betas=(0.8, 0.99), track_first_moment=track)
+    return p, proj, opt
+
+
+def _toy_grad(step: int, shape) -> torch.Tensor:
+    # a different dominant subspace every step, so each refresh picks a new basis
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(shape[0], 4, generator=g) @ torch.randn(4, shape[1], generator=g)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_first_moment_is_the_full_space_moment_of_the_projected_gradients(side):
+    """Reference: Adam's EMA kept in the full space, of each step's gradient projected through the basis
+    that step used. Lifting the low-rank moment through the latest basis only (the old mapping) is
+    wrong once the basis has changed: most of the moment was gathered under earlier bases."""
+    shape = (10, 14)
+    p, proj, opt = _toy_optimizer(shape, side)
+    reference = torch.zeros(shape)
+    refreshes = 0
+    for step in range(11):  # refreshes at steps 0, 3, 6, 9
+        before = proj.basis()
+        p.grad = _toy_grad(step, shape)
+        opt.step()
+        basis = proj.basis()
+        refreshes += basis is not before
+        kept = p.grad @ basis.T @ basis if side == "right" else basis @ basis.T @ p.grad
+        reference = 0.8 * reference + 0.2 * kept
+        assert torch.allclose(opt.first_moment(p), reference, rtol=1e-4, atol=1e-6), step
+        opt.zero_grad()
+    assert refreshes == 4
+    moment = opt.inner.state[opt._shadow[p]]["exp_avg"]
+    latest_only = proj.lift(moment, proj.basis())
+    assert (latest_only - reference).norm() > 0.3 * reference.norm()
+    assert torch.allclose(first_moment(opt, p), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_first_moment_survives_a_reload_of_the_optimizer_and_needs_tracking():
+    shape = (10, 14)
+    p, proj, opt = _toy_optimizer(shape, "right")
+    for step in range(5):  # past the refresh at step 3: a carry exists
+        p.grad = _toy_grad(step, shape)
+        opt.step()
+    state = opt.state_dict()
+    assert "moment_carry" in state["projections"][0]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    copy_p, _, reloaded = _toy_optimizer(shape, "right")
+    with torch.no_grad():
+        copy_p.copy_(p)
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(reloaded.first_moment(copy_p), opt.first_moment(p))  # before any new step
+    for step in range(5, 8):  # across the refresh at step 6
+        for q, o in ((p, opt), (copy_p, reloaded)):
+            q.grad = _toy_grad(step, shape)
+            o.step()
+    assert torch.equal(reloaded.first_moment(copy_p), opt.first_moment(p))
+
+    untracked_p, _, untracked = _toy_optimizer(shape, "right", track=False)
+    untracked_p.grad = _toy_grad(0, shape)
+    untracked.step()
+    with pytest.raises(RuntimeError, match="track_first_moment"):
+        untracked.first_moment(untracked_p)
+
+
+def test_gorp_builds_its_space_from_the_full_space_moment(tiny_llama):
+    """GORP's own optimizer: the moment its shared space is grown from, for every full-rank matrix, is
+    the full-space EMA of the projected gradients, across the refreshes of update_gap=2."""
+    loaded = load_model(tiny_llama)
+    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder)
+    batches = [encoder.collate_train([encoder.example(f"Topic?\n{c}{i}{j}", c) for i, c in enumerate("xyyx")])
+               for j in range(5)]
+    torch.manual_seed(0)
+    method = build_method("gorp", Settings(rank=4, lr=1e-2), OPTIONS)
+    model = method.attach(loaded.model)
+    method.on_task_start(model, _data(0))
+    optimizer = method.make_optimizer(model)
+    full = {k: p for k, p in method.protected(model).items() if k.startswith("full|")}
+    beta1 = optimizer.inner.defaults["betas"][0]
+    reference = {k: torch.zeros_like(p) for k, p in full.items()}
+    for batch in batches:  # refreshes at steps 0, 2, 4
+        model(**batch).loss.backward()
+        method.before_optimizer_step(model, optimizer)
+        optimizer.step()
+        for k, p in full.items():
+            basis = optimizer.projections[p].basis()
+            reference[k] = beta1 * reference[k] + (1 - beta1) * p.grad @ basis.T @ basis
+        optimizer.zero_grad()
+    for k, p in full.items():
+        moment = first_moment(optimizer, p)
+        assert torch.allclose(moment, reference[k], rtol=1e-4, atol=1e-7), k
+        latest_only = optimizer.inner.state[optimizer._shadow[p]]["exp_avg"] @ optimizer.projections[p].basis()
+        assert (latest_only - reference[k]).norm() > 0.05 * reference[k].norm(), k
+    method.on_task_end(model, _data(0), optimizer)
+    for k in full:
+        assert coverage(method.spaces[k], reference[k]) >= 0.9 - 1e-5, k
+
+
+# -- the ablation without the shared space, and the long preset
+
+def _task_one(tiny_llama, options, steps=3):
+    loaded = load_model(tiny_llama)
+    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder)
+    batch = encoder.collate_train([encoder.example(f"Topic?\n{c}{i}", c) for i, c in enumerate("xyxy")])
+    torch.manual_seed(0)
+    method = build_method(*options)
+    model = method.attach(loaded.model)
+    method.on_task_start(model, _data(0))
+    optimizer = method.make_optimizer(model)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        method.before_optimizer_step(model, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    method.on_task_end(model, _data(0), optimizer)
+    return method, model, batch
+
+
+def test_without_the_shared_space_nothing_is_projected(tiny_llama):
+    """shared_space=false: task 1 trains exactly as with it (there is no S yet), no S is kept, task 2's
+    gradients reach the optimizer untouched -- including their part in the S the full method would
+    protect -- and the full-rank matrices take GaLore's step."""
+    on, on_model, batch = _task_one(tiny_llama, ("gorp", Settings(rank=4, lr=1e-2), OPTIONS))
+    off, off_model, _ = _task_one(tiny_llama, ("gorp", Settings(rank=4, lr=1e-2), OPTIONS + ["shared_space=false"]))
+    for (name, a), (_, b) in zip(on_model.named_parameters(), off_model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert on.spaces and not off.spaces and off.state_dict() == {}
+
+    for method, model in ((on, on_model), (off, off_model)):
+        method.on_task_start(model, _data(1))
+    off_opt = off.make_optimizer(off_model)
+    on_protected, off_protected = on.protected(on_model), off.protected(off_model)
+    for key, a in off_protected.items():  # no orthogonal start either: the new A reads S's directions
+        if key.startswith("lora_A|"):
+            assert (a @ on.spaces[key]).norm() > 1e-3 * a.norm(), key
+    off_model(**batch).loss.backward()
+    raw = {k: p.grad.clone() for k, p in off_protected.items() if p.grad is not None and p.grad.norm() > 0}
+    assert any(k.startswith("full|") for k in raw)
+    off.before_optimizer_step(off_model, off_opt)
+    for key, grad in raw.items():
+        assert torch.equal(off_protected[key].grad, grad), key
+        assert (grad @ on.spaces[key]).norm() > 1e-3 * grad.norm(), key  # what the full method removes
+    on_model(**batch).loss.backward()
+    on.before_optimizer_step(on_model, on.make_optimizer(on_model))
+    for key in raw:
+        projected = on_protected[key].grad
+        assert (projected @ on.spaces[key]).norm() <= 1e-5 * projected.norm(), key
+
+    # the full-rank step is GaLore's on the same gradient
+    galore = build_method("galore", Settings(rank=4, lr=1e-2), OPTIONS)
+    galore_model = galore.attach(load_model(tiny_llama).model)
+    galore.on_task_start(galore_model, _data(1))
+    with torch.no_grad():
+        for name, p in galore.full.params.items():
+            p.copy_(off.full.params[name])
+            p.grad = off.full.params[name].grad.clone()
+    before = {name: p.detach().clone() for name, p in off.full.params.items()}
+    galore_opt = galore.make_optimizer(galore_model)
+    off_opt.step()
+    galore_opt.step()
+    for name, p in off.full.params.items():
+        change = p.detach() - before[name]
+        assert change.norm() > 0, name
+        assert torch.allclose(galore.full.params[name], p, rtol=0, atol=1e-7), name
+        assert (change @ on.spaces[f"full|{name}"]).norm() > 1e-3 * change.norm(), name
+
+
+def test_long_preset_sets_rank_gap_and_scale():
+    for name in ("gorp", "galore"):
+        options = build_method(name, Settings(), ["preset=long"]).options
+        assert (options.rank, options.update_gap, options.scale) == (32, 20, 0.25)
+        standard = build_method(name, Settings(), []).options
+        assert (standard.rank, standard.update_gap, standard.scale) == (8, 10, 1.0)
+        with pytest.raises(UserError, match="preset=long sets rank, update_gap and scale; drop rank"):
+            build_method(name, Settings(), ["preset=long", "rank=16"])
+    with pytest.raises(UserError, match="preset"):
+        build_method("gorp", Settings(), ["preset=huge"])
 
 
 def test_grow_space_keeps_old_columns_and_reaches_epsilon():

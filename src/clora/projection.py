@@ -16,7 +16,8 @@ the optimizer's update back to the parameter (`project_back`):
 gradient on the shadow, lets it step (so moments live at the low-rank shape, which is GaLore's
 memory saving), and adds the shadow's update, projected back, to the real parameter. Nothing here
 names Adam except `first_moment`, which reads Adam's `exp_avg` back in the full parameter space
-(GORP builds its shared space from it).
+(GORP builds its shared space from it; see `ProjectedOptimizer` for why that needs more than the
+latest basis).
 
 The shared space S of a weight W (d_out x d_in) is an orthonormal d_in x s basis of input directions.
 Removing it from both the gradient and the update keeps W's action on span(S) exactly unchanged:
@@ -91,6 +92,14 @@ class Projection:
 
     def project_back(self, update: torch.Tensor) -> torch.Tensor:
         return update
+
+    def basis(self) -> torch.Tensor | None:
+        """The current projection basis, None where the projected space is the parameter's own."""
+        return None
+
+    def lift(self, low_rank: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """`low_rank` (coordinates in `basis`) in the full parameter space, unscaled."""
+        return low_rank
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -173,14 +182,24 @@ class GaLoreProjection(Projection):
         return kind
 
     def low_rank_shape(self, shape):
+        # The side is fixed by the parameter's shape; recorded here, where the optimizer first sees
+        # it, so `lift` works on an optimizer reloaded from a checkpoint before any new step.
+        self.side = self._side(shape)
         rank = min(self.projector.rank, shape[0], shape[1])
-        return (shape[0], rank) if self._side(shape) == "right" else (rank, shape[1])
+        return (shape[0], rank) if self.side == "right" else (rank, shape[1])
 
     def project(self, grad, step):
+        self.side = self._side(grad.shape)
         return self.projector.project(grad, step)
 
     def project_back(self, update):
         return self.projector.project_back(update)
+
+    def basis(self):
+        return self.projector.ortho_matrix
+
+    def lift(self, low_rank, basis):
+        return low_rank @ basis if self.side == "right" else basis @ low_rank
 
     def state_dict(self):
         basis = self.projector.ortho_matrix
@@ -209,10 +228,31 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     `param_groups` are ordinary groups (their hyperparameters go to the inner optimizer); a group may
     carry `"projections": [Projection per param]`. `param_groups` of this object hold the real
-    parameters, so gradient clipping, unscaling and zero_grad see them as usual."""
+    parameters, so gradient clipping, unscaling and zero_grad see them as usual.
+
+    `track_first_moment=True` keeps what `first_moment` needs to return Adam's first moment in the
+    full parameter space exactly, across basis refreshes. Adam's low-rank moment is not reset when
+    the basis P changes (galore-torch's behaviour, kept): after refreshes P_1, P_2, ... it is a sum
+    of parts gathered in different coordinates, m = sum_k c_k, c_k = sum_{s in period k}
+    b1^(t-s) (1-b1) G_s P_k^T (right side; the left side is the transpose). Lifting all of it through
+    the latest basis, m P_K, puts the earlier parts in the wrong directions. The full-space moment
+    of the gradients the optimizer was actually given, M_t = b1 M_(t-1) + (1-b1) G_t P_t^T P_t,
+    equals sum_k c_k P_k, and is kept as M = C + m P with one full-space "carry" C:
+
+        every step:                  C <- b1 C  (applied lazily: b1^(steps since C was set))
+        refresh P_old -> P_new:      C <- C + m (P_old - P_new), with m the moment before the step
+
+    (Check: b1 (C + m P_old - m P_new) + (b1 m + (1-b1) g) P_new = b1 (C + m P_old) + (1-b1) g P_new,
+    which is b1 M_(t-1) + (1-b1) G_t P_new^T P_new.) Cost: one d_out x d_in tensor per projected
+    matrix from its first refresh on, and two low-rank lifts per refresh; nothing per step. C and
+    the step it was set at are part of `state_dict`, so a stage resumed from a step checkpoint
+    reads the same moment."""
 
     def __init__(self, param_groups: list[dict], optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
-                 **defaults):
+                 *, track_first_moment: bool = False, **defaults):
+        self.track_first_moment = track_first_moment
+        self._carry: dict[torch.nn.Parameter, torch.Tensor] = {}  # C above, per projected parameter
+        self._carry_step: dict[torch.nn.Parameter, int] = {}  # the parameter's step count when C was set
         self.projections: dict[torch.nn.Parameter, Projection] = {}
         for group in param_groups:
             projections = group.pop("projections", None)
@@ -251,7 +291,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 shadow.grad = None
                 continue
+            before = proj.basis()
             shadow.grad = proj.project(p.grad, self._steps[p])
+            if self.track_first_moment and before is not None and proj.basis() is not before:
+                self._carry_over(p, before, proj.basis())
             stepped.add(id(p))
         self.inner.step()
         for group in self.param_groups:
@@ -268,30 +311,73 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 self._steps[p] += 1
         return loss
 
+    def _beta1(self, p: torch.nn.Parameter) -> float:
+        shadow = self._shadow[p]
+        for group in self.inner.param_groups:
+            if any(q is shadow for q in group["params"]):
+                return float(group["betas"][0])
+        raise KeyError("parameter not in the inner optimizer")
+
+    def _decayed_carry(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        carry = self._carry.get(p)
+        if carry is None:
+            return None
+        return carry * self._beta1(p) ** (self._steps[p] - self._carry_step[p])
+
+    def _carry_over(self, p: torch.nn.Parameter, old: torch.Tensor, new: torch.Tensor) -> None:
+        """The basis of `p` just changed from `old` to `new`, before this step's moment update."""
+        moment = self.inner.state.get(self._shadow[p], {}).get("exp_avg")
+        if moment is None:  # not an Adam: `first_moment` refuses it anyway
+            return
+        proj = self.projections[p]
+        change = proj.lift(moment, old) - proj.lift(moment, new)
+        carry = self._decayed_carry(p)
+        self._carry[p] = change if carry is None else carry + change
+        self._carry_step[p] = self._steps[p]
+
     def first_moment(self, p: torch.nn.Parameter) -> torch.Tensor | None:
-        """Adam's first moment of `p` in the full parameter space (None if p never stepped)."""
+        """Adam's first moment of `p` in the full parameter space (None if p never stepped): the EMA
+        of the gradients the inner optimizer was given, each lifted through the basis it was
+        projected with (see the class docstring), unscaled."""
         state = self.inner.state.get(self._shadow.get(p, p), {})
         if "exp_avg" not in state:
             if state:
                 raise TypeError(f"{type(self.inner).__name__} keeps no first moment (exp_avg)")
             return None
         moment = state["exp_avg"]
-        if p in self.projections:
-            moment = self.projections[p].project_back(moment)
-        return moment
+        proj = self.projections.get(p)
+        basis = None if proj is None else proj.basis()
+        if basis is None:
+            return moment
+        if not self.track_first_moment:
+            raise RuntimeError("the first moment of a projected parameter spans several bases: build the "
+                               "ProjectedOptimizer with track_first_moment=True")
+        lifted = proj.lift(moment, basis)
+        carry = self._decayed_carry(p)
+        return lifted if carry is None else carry + lifted
 
-    # tensors only: the inner optimizer's state plus every projection's basis and step count
+    # tensors only: the inner optimizer's state plus every projection's basis and step count, and the
+    # first-moment carry where there is one
     def state_dict(self):
         projections = {}
         for i, (p, proj) in enumerate(self.projections.items()):
             projections[i] = {"step": torch.tensor(self._steps[p]), **proj.state_dict()}
+            if p in self._carry:
+                projections[i]["moment_carry"] = self._carry[p]
+                projections[i]["moment_carry_step"] = torch.tensor(self._carry_step[p])
         return {"inner": self.inner.state_dict(), "projections": projections}
 
     def load_state_dict(self, state_dict):
         self.inner.load_state_dict(state_dict["inner"])
+        self._carry, self._carry_step = {}, {}
         for i, (p, proj) in enumerate(self.projections.items()):
             saved = dict(state_dict["projections"][i])
             self._steps[p] = int(saved.pop("step"))
+            carry = saved.pop("moment_carry", None)
+            carry_step = saved.pop("moment_carry_step", None)
+            if carry is not None:
+                self._carry[p] = carry.to(device=p.device)
+                self._carry_step[p] = int(carry_step)
             proj.load_state_dict(saved)
 
 

@@ -23,6 +23,11 @@ from . import register
 from .base import Method, StageData
 
 
+# The subspace settings GORP's paper uses for the standard (4-task) and long (15-task) benchmarks.
+PRESETS = {"standard": {"rank": 8, "update_gap": 10, "scale": 1.0},
+           "long": {"rank": 32, "update_gap": 20, "scale": 0.25}}
+
+
 @dataclass
 class GaLoreOptions:
     full_pattern: str = "auto"  # regex over module names; auto: decoder-only mlp.gate_proj, T5 decoder cross-attn q|v
@@ -31,6 +36,21 @@ class GaLoreOptions:
     scale: float = 1.0  # alpha: the update is multiplied by it
     full_lr: float = 1e-5  # learning rate of the full-rank matrices
     svd: Literal["randomized", "full"] = "randomized"  # top-k by randomized SVD, or galore-torch's full SVD
+    preset: Literal["standard", "long"] = "standard"  # long: rank 32, update_gap 20, scale 0.25
+
+    def __post_init__(self):
+        # A preset names all three subspace settings at once; mixing it with one of them given by hand
+        # would leave unclear which wins, so that is refused (the standard values are the defaults, so
+        # an explicit standard value cannot be told apart from an absent one and is taken as absent).
+        standard, chosen = PRESETS["standard"], PRESETS.get(self.preset)
+        if chosen is None or chosen is standard:
+            return
+        changed = [k for k, v in standard.items() if getattr(self, k) != v]
+        if changed:
+            raise UserError(f"option preset={self.preset} sets rank, update_gap and scale; drop "
+                            f"{', '.join(changed)} or the preset")
+        for key, value in chosen.items():
+            setattr(self, key, value)
 
     def validate(self, method: str) -> None:
         if self.rank <= 0 or self.update_gap <= 0:

@@ -12,6 +12,9 @@ G - G S S^T before the low-rank projection and Adam, and the optimizer removes S
 (Adam's per-coordinate scaling would otherwise leak back into S), so the weights' action on span(S) is
 left unchanged. With `orthogonal_init` the new LoRA's A also starts orthogonal to S.
 
+`shared_space=false` is the ablation: no S is ever grown, so nothing is projected (GORP = IncLoRA on the
+LoRA + GaLore on the full-rank matrices). `preset=long` is the paper's long setting (k 32, T 20, alpha 0.25).
+
 S (per protected matrix) and the full-rank deltas persist across tasks and `--resume`: S is this
 method's state (`method_state.safetensors`), the deltas `full_deltas.safetensors`, both per stage.
 """
@@ -37,6 +40,9 @@ from .galore import GaLoreOptions
 class GORPOptions(GaLoreOptions):
     epsilon: float = 0.9  # energy of each task's first moment the shared space must cover
     orthogonal_init: bool = True  # start each new LoRA's A orthogonal to its layer's shared space
+    # false: the ablation without the shared space (no S, no projection): IncLoRA on the LoRA plus GaLore
+    # on the full-rank matrices, trained together
+    shared_space: bool = True
 
     def validate(self, method: str) -> None:
         super().validate(method)
@@ -108,8 +114,10 @@ class GORP(SavesFullWeights, Method):
              "projections": [OrthogonalGaLoreProjection(o.rank, o.update_gap, o.scale, self.spaces.get(k), o.svd)
                              for k in full_keys]},
         ]
+        # The shared space is built from the full-space first moment; across the GaLore subspace's
+        # refreshes that needs the optimizer's carry (projection.ProjectedOptimizer).
         return ProjectedOptimizer([g for g in groups if g["params"]], torch.optim.AdamW, lr=lr,
-                                  weight_decay=self.settings.weight_decay)
+                                  weight_decay=self.settings.weight_decay, track_first_moment=o.shared_space)
 
     @torch.no_grad()
     def before_optimizer_step(self, model, optimizer) -> None:
@@ -119,12 +127,13 @@ class GORP(SavesFullWeights, Method):
                 p.grad.copy_(remove_space(p.grad, space))
 
     def on_task_end(self, model, data: StageData, optimizer) -> None:
-        for key, p in self.protected(model).items():
-            moment = first_moment(optimizer, p)
-            if moment is not None:
-                grown = grow_space(self.spaces.get(key), moment, self.options.epsilon)
-                if grown is not None:
-                    self.spaces[key] = grown
+        if self.options.shared_space:
+            for key, p in self.protected(model).items():
+                moment = first_moment(optimizer, p)
+                if moment is not None:
+                    grown = grow_space(self.spaces.get(key), moment, self.options.epsilon)
+                    if grown is not None:
+                        self.spaces[key] = grown
         if data.stage.index > 0:
             lora.fold_new_adapter(model)
         self.adapter = lora.DEFAULT
