@@ -60,7 +60,7 @@ def test_compare_writes_its_section_of_a_results_page_beside_the_published_numbe
     assert "## First" in text and "## Second" in text  # two sections, neither overwrote the other
     seq_aa = json.loads((tmp_path / "a" / "summary.json").read_text())["summary"][0]["AA"]
     row = next(line for line in text.splitlines() if line.startswith("| seq-lora |"))
-    assert f"| {seq_aa:.1f} |" in row and "44.6 (DEAL Table 1)" in row  # ours, then the published, labelled
+    assert f"| {seq_aa:.1f} [" in row and "44.6 (DEAL Table 1)" in row  # ours (with its CI), then the published, labelled
     assert "](../a/summary.png)" in text and "clora compare --methods seq-lora" in text
     # Rerunning replaces only its own section.
     assert main(["compare", "--methods", "seq-lora", "--output", str(tmp_path / "a"), "--title", "First", *common]) == 0

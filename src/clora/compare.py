@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from . import stats
 from .atomic import atomic_path, write_json_atomic, write_text_atomic
 from .pages import update_section
 from .config import RunConfig
@@ -112,45 +113,125 @@ def missing_runs(grid, results: list[dict]) -> str:
     return "; ".join(f"{m} ({', '.join(runs)})" for m, runs in absent.items())
 
 
+def run_items(results: list[dict]) -> dict[str, list[stats.RunItems | None]]:
+    """Each method's runs as per-item predictions (None for a run whose predictions are not all there)."""
+    items: dict[str, list[stats.RunItems | None]] = {}
+    for r in results:
+        items.setdefault(r["method"], []).append(stats.load_run(Path(r["run_dir"])) if r.get("run_dir") else None)
+    return items
+
+
+def pairwise(results: list[dict]) -> list[stats.PairTest]:
+    return stats.pairwise(run_items(results))
+
+
 def summarize(results: list[dict]) -> list[dict]:
+    """Per method: every metric's mean over runs with its std and its bootstrap CI (`stats`; None
+    unless every run's predictions are there, so an interval is never of other runs than the mean),
+    the largest trainable-parameter count of any stage and its ratio to seq-lora's, time per run."""
+    items = run_items(results)
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method]
+        params = [n for r in runs for n in r.get("trainable_parameters") or []]
         row = {"method": method, "runs": len(runs), "keeps_old_data": runs[0].get("keeps_old_data", False),
-               "seconds": sum(r.get("seconds", 0) for r in runs)}
+               "seconds_per_run": statistics.fmean(r.get("seconds", 0) for r in runs),
+               "trainable_parameters": max(params) if params else None}
+        usable = items[method] if all(items[method]) else []
+        intervals = stats.intervals(usable) if usable else {}
         for metric in METRICS:
             values = [r["metrics"][metric] for r in runs if r["metrics"].get(metric) is not None]
             row[metric] = statistics.fmean(values) if values else None
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            row[f"{metric}_ci"] = intervals.get(metric) if values else None
         rows.append(row)
+    reference = next((r["trainable_parameters"] for r in rows if r["method"] == "seq-lora"), None)
+    for row in rows:
+        row["parameters_vs_seq_lora"] = (row["trainable_parameters"] / reference
+                                         if reference and row["trainable_parameters"] is not None else None)
     return rows
 
 
+def _fixed(value: float) -> str:
+    return f"{round(value, 1) + 0.0:.1f}"  # + 0.0: a bootstrap bound of -1e-16 is 0.0, not -0.0
+
+
 def _cell(row: dict, metric: str) -> str:
-    mean, std = row[metric], row[f"{metric}_std"]
+    mean, std, ci = row[metric], row[f"{metric}_std"], row.get(f"{metric}_ci")
     if mean is None:
         return "—"
-    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+    if ci is not None:
+        return f"{_fixed(mean)} [{_fixed(ci[0])}, {_fixed(ci[1])}]"
+    return f"{_fixed(mean)} ± {_fixed(std)}" if std is not None else _fixed(mean)
+
+
+def _params_cells(row: dict) -> str:
+    n, ratio = row["trainable_parameters"], row["parameters_vs_seq_lora"]
+    count = "—" if n is None else f"{n:,}"
+    return f"{count} | " + ("—" if ratio is None else f"{ratio:.1f}×" if ratio < 10 else f"{ratio:.0f}×")
+
+
+def _p(value: float) -> str:
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.0e}"
+
+
+def pairs_table(pairs: list[stats.PairTest]) -> str:
+    """One line per pair of methods: the paired AA difference, the discordant items, McNemar's p raw
+    and Holm-adjusted, and whether the difference is significant at 0.05 after Holm."""
+    lines = ["| first | second | runs | items | AA first − second | only first right | only second right "
+             "| McNemar p | Holm p | significant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in pairs:
+        if t.p is None:
+            lines.append(f"| {t.first} | {t.second} | — | — | — | — | — | — | — | not tested: {t.note} |")
+            continue
+        difference = f"{t.aa_difference:+.1f}"
+        verdict = "**yes**" if t.significant else "no"
+        lines.append(f"| {t.first} | {t.second} | {t.runs} | {t.items} | "
+                     + (f"**{difference}**" if t.significant else difference)
+                     + f" | {t.first_only} | {t.second_only} | {_p(t.p)} | {_p(t.p_holm)} | {verdict}"
+                     + (f" ({t.note})" if t.note else "") + " |")
+    return "\n".join(lines)
+
+
+def _stats_note(pairs: list[stats.PairTest]) -> str:
+    tested = sum(1 for t in pairs if t.p is not None)
+    return (f"Means over runs with a {stats.LEVEL:.0%} bootstrap CI in brackets ({stats.RESAMPLES} resamples, "
+            "seed 0): the test items of each task are resampled (one draw per task, shared by every stage and "
+            "every run of the method, so BWT stays paired) and the seeds within each order (orders are fixed); "
+            "with one seed per order the CI covers test-item noise only, not training noise between seeds. "
+            "± std where a run's predictions are missing. Trainable parameters: the largest count of any stage "
+            "(any run), and its ratio to seq-lora's.\n\n"
+            "Paired tests, on the last accuracy row: for each pair of methods, the complete runs (order, seed) "
+            "both have, pooled over their identical test items; exact McNemar test (two-sided binomial test of the "
+            "items only one of the two got right); AA first − second is the macro AA difference averaged over "
+            f"those runs; p adjusted by Holm over the {tested} pairs tested in this table; significant means Holm "
+            "p < 0.05 (bold).")
 
 
 def write_summary(output: Path, results: list[dict], command: str, missing: str = "") -> list[dict]:
     rows = summarize(results)
-    header = "| method | runs | AA | BWT | FWT | forgetting | learning acc. | time (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    pairs = pairwise(results)
+    header = ("| method | runs | trainable params | × seq-lora | AA | BWT | FWT | forgetting | learning acc. "
+              "| time / run (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     partial = {r["method"] for r in results if r.get("status", "complete") != "complete"}
     body = "".join(
         f"| {r['method']}{' (keeps old data)' if r['keeps_old_data'] else ''}{' (partial)' if r['method'] in partial else ''}"
-        f" | {r['runs']} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['seconds'] / 60:.0f} |\n" for r in rows)
+        f" | {r['runs']} | {_params_cells(r)} | " + " | ".join(_cell(r, m) for m in METRICS)
+        + f" | {r['seconds_per_run'] / 60:.0f} |\n" for r in rows)
     orders = sorted({r["order"] for r in results})
     seeds = sorted({r["seed"] for r in results})
-    text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; "
-            "mean ± std over orders and seeds (std only where there are several runs).\n\n"
-            + header + body + (f"\nNot run yet: {missing}.\n" if missing else "") + f"\nMade by:\n\n```\n{command}\n```\n")
+    text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; runs = orders × seeds "
+            f"per method. {_stats_note(pairs)}\n\n" + header + body
+            + (f"\nNot run yet: {missing}.\n" if missing else "")
+            + (f"\nPaired tests:\n\n{pairs_table(pairs)}\n" if pairs else "")
+            + f"\nMade by:\n\n```\n{command}\n```\n")
     write_text_atomic(output / "summary.md", text)
-    csv = "method,runs," + ",".join(f"{m},{m}_std" for m in METRICS) + ",seconds\n" + "".join(
-        f"{r['method']},{r['runs']}," + ",".join(f"{_num(r[m])},{_num(r[m + '_std'])}" for m in METRICS)
-        + f",{r['seconds']:.0f}\n" for r in rows)
+    columns = [c for m in METRICS for c in (m, f"{m}_lo", f"{m}_hi", f"{m}_std")]
+    csv = "method,runs,trainable_parameters," + ",".join(columns) + ",seconds_per_run\n" + "".join(
+        f"{r['method']},{r['runs']},{r['trainable_parameters'] or ''},"
+        + ",".join(_num(_column(r, c)) for c in columns) + f",{r['seconds_per_run']:.0f}\n" for r in rows)
     write_text_atomic(output / "summary.csv", csv)
-    write_json_atomic(output / "summary.json", {"summary": rows, "runs": [
+    write_json_atomic(output / "summary.json", {"summary": rows, "pairs": [dataclasses.asdict(t) for t in pairs], "runs": [
         {k: r[k] for k in ("method", "order", "seed", "run_dir", "metrics", "accuracy_matrix", "tasks")} for r in results]})
     _plot(output / "summary.png", rows, results)
     return rows
@@ -158,6 +239,25 @@ def write_summary(output: Path, results: list[dict], command: str, missing: str 
 
 def _num(value) -> str:
     return "" if value is None else f"{value:.2f}"
+
+
+def _column(row: dict, column: str):
+    metric, _, bound = column.rpartition("_")
+    if bound in ("lo", "hi"):
+        ci = row[f"{metric}_ci"]
+        return None if ci is None else ci[bound == "hi"]
+    return row[column]
+
+
+def _error_bar(row: dict, metric: str, side: int) -> float:
+    """The CI where there is one (asymmetric; a percentile bound can fall a hair inside the mean, and
+    matplotlib refuses a negative bar), else the std over runs."""
+    mean, ci = row[metric], row.get(f"{metric}_ci")
+    if mean is None:
+        return 0.0
+    if ci is None:
+        return row[f"{metric}_std"] or 0.0
+    return max(0.0, mean - ci[0] if side == 0 else ci[1] - mean)
 
 
 def _plot(path: Path, rows: list[dict], results: list[dict]) -> None:
@@ -171,7 +271,8 @@ def _plot(path: Path, rows: list[dict], results: list[dict]) -> None:
         ax = fig.add_subplot(grid[0, col * max(n, 2) // 2:(col + 1) * max(n, 2) // 2])
         names = [r["method"] for r in rows]
         means = [r[metric] if r[metric] is not None else 0.0 for r in rows]
-        errs = [r[f"{metric}_std"] or 0.0 for r in rows]
+        # The CI where there is one (asymmetric), else the std over runs.
+        errs = [[_error_bar(r, metric, side) for r in rows] for side in (0, 1)]
         ax.bar(names, means, yerr=errs, capsize=4, color="tab:blue" if metric == "AA" else "tab:red")
         ax.set_ylabel(label)
         ax.axhline(0, color="black", linewidth=0.8)
@@ -214,22 +315,24 @@ def _by_order_table(results: list[dict]) -> str:
 
 def write_page(page: Path, section: str, title: str, results: list[dict], rows: list[dict], command: str,
                plot: Path, missing: str = "") -> None:
-    """A comparison's section of a docs page: settings, the summary table with the published numbers
-    beside it (labelled as such), every run's last accuracy row, the plot, the command."""
+    """A comparison's section of a docs page: settings, the summary table (CIs, parameter counts) with the
+    published numbers beside it (labelled as such), the paired tests, every run's last accuracy row, the
+    plot, the command."""
     config = results[0].get("config", {})
     settings = ", ".join(f"{k.replace('_', ' ')} {config[k]}" for k in
                          ("model", "train_per_task", "test_per_task", "epochs", "lr", "rank", "batch_size") if k in config)
     long_order = any(len(r["tasks"]) > 4 for r in results)
-    table = ["| method | runs | AA | BWT | FWT | forgetting | learning acc. | time (min) | published AA, T5-large "
-             f"({'long' if long_order else 'standard'}) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    table = ["| method | runs | trainable params | × seq-lora | AA | BWT | FWT | forgetting | learning acc. "
+             f"| time / run (min) | published AA, T5-large ({'long' if long_order else 'standard'}) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         published = PUBLISHED.get(r["method"])
         ref = f"{published[1 if long_order else 0]} ({published[2]})" if published else "—"
         status = {res["status"] for res in results if res["method"] == r["method"]}
         name = r["method"] + (" (keeps old data)" if r["keeps_old_data"] else "")
         name += "" if status == {"complete"} else " **(partial)**"
-        table.append(f"| {name} | {r['runs']} | " + " | ".join(_cell(r, m) for m in METRICS)
-                     + f" | {r['seconds'] / 60:.0f} | {ref} |")
+        table.append(f"| {name} | {r['runs']} | {_params_cells(r)} | " + " | ".join(_cell(r, m) for m in METRICS)
+                     + f" | {r['seconds_per_run'] / 60:.0f} | {ref} |")
     lines = []
     for res in results:
         last = res["accuracy_matrix"][-1]
@@ -238,12 +341,14 @@ def write_page(page: Path, section: str, title: str, results: list[dict], rows: 
                      + ("" if res["status"] == "complete" else f" ({res['status']})"))
     plot_link = os.path.relpath(plot.resolve(), page.resolve().parent)
     by_order = _by_order_table(results)
+    pairs = pairwise(results)
     text = (f"## {title}\n\n{settings}; orders {', '.join(sorted({r['order'] for r in results}))}, seeds "
-            f"{', '.join(str(s) for s in sorted({r['seed'] for r in results}))}; mean ± std over orders and seeds "
-            "(std only where there are several runs). Our numbers are the default model on a 2-core CPU with the "
+            f"{', '.join(str(s) for s in sorted({r['seed'] for r in results}))}; runs = orders × seeds per method. "
+            "Our numbers are the default model on a 2-core CPU with the "
             "caps above; the published ones are T5-large on the full benchmark, shown for orientation, not as "
-            "a like-for-like comparison.\n\n" + "\n".join(table)
+            f"a like-for-like comparison. {_stats_note(pairs)}\n\n" + "\n".join(table)
             + (f"\n\n**Not run yet** (rerun the command below to add them): {missing}." if missing else "")
+            + (f"\n\nPaired tests:\n\n{pairs_table(pairs)}" if pairs else "")
             + (f"\n\nAA (BWT) per order, mean over seeds: a method's mean above is over the orders it has run, "
                f"so compare methods on the orders they share.\n\n{by_order}" if by_order else "")
             + "\n\nAccuracy after the last task, per run:\n\n" + "\n".join(lines)
