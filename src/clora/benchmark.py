@@ -11,6 +11,15 @@ Caps: ``load_task(name, train_cap=n)`` keeps a random sample of ``n`` items of t
 reproducible and the same seed gives the same items everywhere. ``None`` or a cap at least the
 split's size keeps the whole split. The whole split is validated either way.
 
+Dev split: ``load_task(name, dev_cap=n)`` sets aside ``n`` items of the *training file* as
+``Task.dev``, drawn by ``random.Random(f"{name}:dev:{sample_seed}")`` from the training items whose
+sentence is not in the test file, so hyper-parameters can be chosen without reading a test item. The
+dev sample depends on neither the train cap nor the method nor the run's seed. The training sample
+never holds a dev sentence: it is the sample a run without a dev split draws, less the items the dev
+split took, topped up from the remaining items (``{name}:train-refill:{sample_seed}``). So a run
+without ``dev_cap`` keeps exactly the items it always had, and one with it changes only the items it
+must.
+
 Every mistake in the user's input raises :class:`clora.errors.UserError` with a one-line message
 naming the file, item or option at fault.
 """
@@ -27,7 +36,7 @@ import shutil
 import string
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clora.errors import UserError
@@ -65,6 +74,7 @@ class Task:
     instruction: str | None  # None: the group has no instruction (COPA), so no Option line either
     train: list[Item]
     test: list[Item]
+    dev: list[Item] = field(default_factory=list)  # held out of the training file (dev_cap), never trained on
 
     def prompt(self, item: Item) -> str:
         # Byte for byte the published protocol, including the space before the newline after
@@ -171,8 +181,8 @@ class Benchmark:
                         + f"known tasks: {shown or '(none)'}")
 
     def load_task(self, name: str, train_cap: int | None = None, test_cap: int | None = None,
-                  sample_seed: int = 0) -> Task:
-        for split, cap in zip(SPLITS, (train_cap, test_cap)):
+                  sample_seed: int = 0, dev_cap: int | None = None) -> Task:
+        for split, cap in zip((*SPLITS, "dev"), (train_cap, test_cap, dev_cap)):
             if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
                 raise UserError(f"{split} cap must be a positive integer, got {cap!r}")
         self._check_name(name)
@@ -182,11 +192,14 @@ class Benchmark:
         if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
                 or len(set(labels)) != len(labels)):
             raise UserError(f"{labels_path}: expected a non-empty JSON list of distinct label strings")
-        splits = {split: _sample(_load_split(task_dir / f"{split}.json", labels), cap,
-                                 f"{name}:{split}:{sample_seed}")
-                  for split, cap in zip(SPLITS, (train_cap, test_cap))}
+        full = {split: _load_split(task_dir / f"{split}.json", labels) for split in SPLITS}
+        test = _sample(full["test"], test_cap, f"{name}:test:{sample_seed}")
+        if dev_cap is None:
+            dev, train = [], _sample(full["train"], train_cap, f"{name}:train:{sample_seed}")
+        else:
+            dev, train = _split_dev(full["train"], full["test"], name, dev_cap, train_cap, sample_seed)
         return Task(name=name, group=group, labels=labels, instruction=self._instructions.get(group),
-                    train=splits["train"], test=splits["test"])
+                    train=train, test=test, dev=dev)
 
 
 def _load_split(path: Path, labels: list[str]) -> list[Item]:
@@ -212,10 +225,34 @@ def _load_split(path: Path, labels: list[str]) -> list[Item]:
 
 
 def _sample(items: list[Item], cap: int | None, key: str) -> list[Item]:
-    if cap is None or cap >= len(items):
-        return items
-    chosen = sorted(random.Random(key).sample(range(len(items)), cap))
-    return [items[i] for i in chosen]
+    return [items[i] for i in _sample_indices(len(items), cap, key)]
+
+
+def _sample_indices(n: int, cap: int | None, key: str) -> list[int]:
+    if cap is None or cap >= n:
+        return list(range(n))
+    return sorted(random.Random(key).sample(range(n), cap))
+
+
+def _split_dev(train: list[Item], test: list[Item], name: str, dev_cap: int, train_cap: int | None,
+               sample_seed: int) -> tuple[list[Item], list[Item]]:
+    """(dev items, training sample) out of the training file; see the module docstring."""
+    # Identity is the sentence: a dev item that reads like a test item would let tuning see the test.
+    test_sentences = {item.sentence for item in test}
+    candidates = [i for i, item in enumerate(train) if item.sentence not in test_sentences]
+    if dev_cap >= len(candidates):
+        raise UserError(f"task {name}: a dev split of {dev_cap} items leaves no training items "
+                        f"({len(candidates)} items of its train.json can be dev items)")
+    dev_index = sorted(random.Random(f"{name}:dev:{sample_seed}").sample(candidates, dev_cap))
+    dev_sentences = {train[i].sentence for i in dev_index}
+    usable = [i for i, item in enumerate(train) if item.sentence not in dev_sentences]
+    kept = [i for i in _sample_indices(len(train), train_cap, f"{name}:train:{sample_seed}")
+            if train[i].sentence not in dev_sentences]
+    wanted = len(usable) if train_cap is None else min(train_cap, len(usable))
+    taken = set(kept)
+    rest = [i for i in usable if i not in taken]
+    refill = random.Random(f"{name}:train-refill:{sample_seed}").sample(rest, wanted - len(kept))
+    return [train[i] for i in dev_index], [train[i] for i in sorted(kept + refill)]
 
 
 def resolve_tasks(order: str | None, tasks: str | None, benchmark: Benchmark) -> tuple[str, list[str]]:

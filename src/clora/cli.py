@@ -20,6 +20,8 @@ _HELP = {
     "train_per_task": "cap on training items per task (a seeded random sample)",
     "test_per_task": "cap on test items per task (a seeded random sample)",
     "sample_seed": "seed of the caps' samples",
+    "dev_per_task": "hold out N items of each task's training file as its dev split (seeded; never trained on)",
+    "eval_split": "evaluate on the test items, or on the dev items (tuning: no test item is read)",
     "epochs": "epochs per task (MNLI trains twice as many in orders 4-6)",
     "batch_size": "global training batch size (split over the processes)",
     "grad_accum": "gradient accumulation steps",
@@ -75,6 +77,9 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--for", dest="per_method", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
                         help="per-method override of a run option (e.g. lr=1e-4) or a method option (repeatable)")
+    parser.add_argument("--settings", metavar="CHOSEN_JSON",
+                        help="each method's settings chosen by `clora tune` (its chosen.json), applied like --for; "
+                             "an explicit --for wins")
     parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process (logs in OUTPUT/logs/); several share a GPU well")
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _compare_parser(sub)
+    _tune_parser(sub)
     sub.add_parser("methods", help="list the methods and their options")
     tasks = sub.add_parser("tasks", help="list the benchmark's tasks and orders")
     tasks.add_argument("--data-dir")
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "compare":
             return _compare(args, argv)
+        if args.command == "tune":
+            return _tune(args, argv)
         if args.command == "methods":
             return _methods()
         return _tasks(args.data_dir)
@@ -145,9 +153,7 @@ def _compare(args, argv: list[str] | None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    per_method: dict[str, list[str]] = {}
-    for method, pair in args.per_method:
-        per_method.setdefault(method, []).append(pair)
+    per_method = _per_method(args.per_method, methods, args.settings)
     grid = compare.expand(base, methods, orders, seeds, per_method)
     for _, _, _, config in grid:  # fail on a bad option before hours of work, not in the middle
         config.validate()
@@ -185,6 +191,105 @@ def _without_run_control(words: list[str]) -> list[str]:
         elif word != "--report-only" and not word.startswith("--jobs="):
             kept.append(word)
     return kept
+
+
+def _per_method(pairs: list[list[str]], methods: list[str], settings: str | None) -> dict[str, list[str]]:
+    """`--for` pairs by method, after the tuned settings of `--settings` (an explicit --for wins)."""
+    from pathlib import Path
+
+    from .tune import settings_for
+
+    per_method = settings_for(Path(settings), methods) if settings else {}
+    for method, pair in pairs:
+        key = pair.partition("=")[0].strip().replace("-", "_")
+        kept = [p for p in per_method.get(method, []) if p.partition("=")[0].strip().replace("-", "_") != key]
+        per_method[method] = kept + [pair]
+    return per_method
+
+
+_TUNE_SKIP = {"method", "method_options", "eval_split", "test_per_task"}  # set by the search; no test item is read
+
+
+def _tune_parser(sub) -> None:
+    parser = sub.add_parser("tune", help="choose each method's hyper-parameters on the dev split, same budget for all",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--methods", required=True, help="comma-separated methods")
+    parser.add_argument("--trials", type=int, required=True, help="the budget: trials per method, the same for every method")
+    parser.add_argument("--output", required=True,
+                        help="search folder: study.db, <method>/trial-<n>/ runs, chosen.json; rerun to resume")
+    parser.add_argument("--for", dest="per_method", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
+                        help="a fixed (not searched) run or method option for one method (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes on the search (logs in OUTPUT/logs/)")
+    parser.add_argument("--storage", help="database URL shared by workers on several machines "
+                                          "(default: sqlite:///OUTPUT/study.db)")
+    parser.add_argument("--study", default="clora-tune", help="name prefix of the studies in the database")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
+    parser.add_argument("--page", help="also write the search as a section of this Markdown page (e.g. docs/tuning.md)")
+    parser.add_argument("--section", help="that section's name (default: the --output folder's name)")
+    parser.add_argument("--title", help="that section's heading (default: the methods)")
+    _add_config_options(parser, skip=_TUNE_SKIP)
+
+
+def _tune(args, argv: list[str] | None) -> int:
+    import shlex
+    from pathlib import Path
+
+    from . import compare, tune
+    from .atomic import write_json_atomic
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in _TUNE_SKIP}
+    if values["tasks"] is not None and values["order"] == RunConfig.order:
+        values["order"] = None  # --tasks replaces the default order
+    base = RunConfig(**values, eval_split="dev")
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or len(set(methods)) != len(methods):
+        raise UserError(f"--methods must name each method once, got {args.methods!r}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
+    per_method = _per_method(args.per_method, methods, None)
+    label = base.order if base.order is not None else base.tasks.replace(",", "+")
+    configs = {m: dataclasses.replace(config, order=base.order, tasks=base.tasks)
+               for m, _, _, config in compare.expand(base, methods, [label], [base.seed], per_method)}
+    output = Path(args.output)
+    url = args.storage or f"sqlite:///{output.resolve() / 'study.db'}"
+    search = tune.Search(output=str(output), storage=url, study=args.study, budget=args.trials, seed=args.sampler_seed,
+                         configs={m: c.to_dict() for m, c in configs.items()},
+                         fixed={m: per_method.get(m, []) for m in methods})
+    tune.check(search)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is not a directory")
+    if (output.is_dir() and any(output.iterdir()) and not (output / "tune.json").is_file()
+            and not (output / "study.db").is_file()):
+        raise UserError(f"output {output} already holds other files; give an empty or new folder, or the folder of "
+                        "an earlier search to resume it")
+    if args.storage is None:
+        output.mkdir(parents=True, exist_ok=True)  # the database lives there
+    tune.open_studies(search)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output / "tune.json", {"storage": url, "study": args.study})
+    try:
+        if args.jobs > 1:
+            failed = tune.run_workers(search, args.jobs)
+        else:
+            failed = []
+            tune.work(search)
+    except KeyboardInterrupt:
+        print("clora: interrupted; finished trials are kept and the interrupted ones queued again: rerun the same "
+              "command to resume the search", file=sys.stderr)
+        return 130
+    words = _without_run_control(argv if argv is not None else sys.argv[1:])
+    command = "clora " + " ".join(shlex.quote(a) for a in words)
+    found = tune.results(search)
+    tune.write_outputs(search, found, command, Path(args.page) if args.page else None,
+                       args.section or output.name, args.title or f"Tuning {', '.join(methods)} on the dev split")
+    print((output / "summary.md").read_text())
+    if failed:
+        raise UserError(f"{len(failed)} of {args.jobs} workers failed: {'; '.join(failed)}")
+    unchosen = [m for m, r in found.items() if r["chosen"] is None]
+    if unchosen:
+        print(f"clora tune: no trial of {', '.join(unchosen)} completed, so nothing was chosen for it "
+              "(see the errors above)", file=sys.stderr)
+    return 1 if unchosen else 0
 
 
 def _methods() -> int:

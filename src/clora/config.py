@@ -21,6 +21,8 @@ class RunConfig:
     train_per_task: int | None = None
     test_per_task: int | None = None
     sample_seed: int = 0  # which items a cap keeps
+    dev_per_task: int | None = None  # items of each task's training file held out as its dev split
+    eval_split: Literal["test", "dev"] = "test"  # "dev": the matrix is over dev items (tuning), no test item is read
     epochs: int = 1
     batch_size: int = 8
     grad_accum: int = 1
@@ -47,7 +49,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        positive = {"--train-per-task": self.train_per_task, "--test-per-task": self.test_per_task}
+        positive = {"--train-per-task": self.train_per_task, "--test-per-task": self.test_per_task,
+                    "--dev-per-task": self.dev_per_task}
         for option, value in positive.items():
             if value is not None and value <= 0:
                 raise UserError(f"{option} must be a positive integer, got {value}")
@@ -66,5 +69,9 @@ class RunConfig:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        if self.eval_split not in ("test", "dev"):
+            raise UserError(f"--eval-split must be test or dev, got {self.eval_split!r}")
+        if self.eval_split == "dev" and self.dev_per_task is None:
+            raise UserError("--eval-split dev needs a dev split: give --dev-per-task N")
         if self.precision not in ("no", "bf16", "fp16"):
             raise UserError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")

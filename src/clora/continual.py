@@ -3,6 +3,7 @@
 A killed run resumes after its last committed stage with the same results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -42,7 +43,12 @@ def prepare(config: RunConfig) -> Prepared:
     config.validate()
     bench = Benchmark(config.data_dir or default_benchmark_dir())
     order_label, task_names = resolve_tasks(config.order, config.tasks, bench)
-    tasks = {n: bench.load_task(n, config.train_per_task, config.test_per_task, config.sample_seed) for n in task_names}
+    tasks = {n: bench.load_task(n, config.train_per_task, config.test_per_task, config.sample_seed,
+                                dev_cap=config.dev_per_task) for n in task_names}
+    if config.eval_split == "dev":
+        # A tuning trial: its matrix is over dev items, and the test items are dropped here so that
+        # nothing downstream (evaluation, zero-shot row, reports) can read one.
+        tasks = {n: dataclasses.replace(t, test=t.dev) for n, t in tasks.items()}
     settings = Settings(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                         target_modules=config.target_modules, lr=config.lr,
                         weight_decay=config.weight_decay, seed=config.seed)
@@ -247,6 +253,11 @@ def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: 
              "Trainable parameters per stage: " + ", ".join(f"{r['stage']} {r['trainable_parameters']:,}" for r in records) + "."]
     if p.method.keeps_old_data:
         notes.append("This method trains on data of earlier tasks: it is not a data-free continual method.")
+    if cfg.eval_split == "dev":
+        notes.append(f"Evaluated on the dev split ({cfg.dev_per_task} items per task, held out of the training "
+                     "files), not on the test items: a tuning run, not a result to report.")
+    elif cfg.dev_per_task:
+        notes.append(f"{cfg.dev_per_task} items per task are held out of training as the dev split.")
     extra = {"status": status, "method": cfg.method, "order": p.order_label, "stage_names": [r["stage"] for r in records],
              "trainable_parameters": [r["trainable_parameters"] for r in records],
              "seconds": sum(r["seconds"] for r in records), "keeps_old_data": p.method.keeps_old_data, "notes": notes}
