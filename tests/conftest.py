@@ -121,3 +121,32 @@ def run_killed_in_second_stage(config, output: Path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         clora.run(config, output)
     monkeypatch.setattr(continual, "train_stage", real_train)
+
+
+# What a resumed run may write differently from an uninterrupted one: wall-clock times only.
+TIMING_FIELDS = {"metrics.json": ["seconds"], "stage.json": ["seconds"]}
+TIMING_PATHS = {"tb",           # TensorBoard event files: wall-clock stamps, host and pid in their names
+                ".clora.lock"}  # names the process that last held the folder
+
+
+def run_folder_files(out: Path) -> dict[str, bytes | dict]:
+    """Every file a run wrote, by path: its bytes, or for the JSON files with times its contents less
+    those times (TIMING_FIELDS); the paths in TIMING_PATHS are left out."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out)
+        if not path.is_file() or relative.parts[0] in TIMING_PATHS:
+            continue
+        if path.name in TIMING_FIELDS:
+            files[str(relative)] = {k: v for k, v in json.loads(path.read_text()).items()
+                                    if k not in TIMING_FIELDS[path.name]}
+        else:
+            files[str(relative)] = path.read_bytes()
+    return files
+
+
+def assert_same_run_folders(got: Path, expected: Path) -> None:
+    a, b = run_folder_files(got), run_folder_files(expected)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert a[name] == b[name], name

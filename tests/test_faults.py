@@ -20,7 +20,7 @@ from clora import trainer
 from clora.cli import main
 from clora.errors import UserError
 from clora.loss import BatchLoss
-from conftest import tiny_config
+from conftest import run_folder_files, tiny_config
 
 # 24 train items, batch 4, 2 epochs: 12 steps a stage, checkpoints at steps 2, 4, ..., 10 and 12.
 ARGS = ["--tasks", "alpha,beta", "--batch-size", "4", "--eval-batch-size", "4", "--lr", "2e-2", "--rank", "4",
@@ -35,32 +35,16 @@ def _cli(model: str, bench: Path, out: Path, method: str, kill_at: str | None = 
 
 
 def _outcome(out: Path) -> dict:
-    """Everything a run computed: metrics, matrix, per-stage losses and steps, predictions, adapters."""
-    metrics = json.loads((out / "metrics.json").read_text())
-    stages = sorted((out / "stages").iterdir())
-    return {
-        "metrics": metrics["metrics"], "matrix": metrics["accuracy_matrix"], "status": metrics["status"],
-        "stages": [{k: v for k, v in json.loads((d / "stage.json").read_text()).items() if k != "seconds"}
-                   for d in stages],
-        "files": {str(p.relative_to(out)): _content(p) for d in stages for p in sorted(d.rglob("*"))
-                  if p.is_file() and p.name != "stage.json"},
-    }
-
-
-def _content(path: Path):
-    if path.name != "adapter_config.json":
-        return path.read_bytes()
-    # PEFT writes target_modules from a set: its order follows the process's string hashing.
-    config = json.loads(path.read_text())
-    config["target_modules"] = sorted(config["target_modules"])
-    return config
+    """Everything a run wrote, less wall-clock times (conftest.TIMING_FIELDS and TIMING_PATHS): metrics,
+    matrix, report, plots, per-stage records, predictions, adapters (their adapter_config.json too, whose
+    target_modules come out of PEFT in a set's order unless sorted), method state, config."""
+    return run_folder_files(out)
 
 
 def _assert_same(got: dict, expected: dict) -> None:
-    assert sorted(got["files"]) == sorted(expected["files"])
-    for name, content in expected["files"].items():
-        assert got["files"][name] == content, name
-    assert {k: v for k, v in got.items() if k != "files"} == {k: v for k, v in expected.items() if k != "files"}
+    assert sorted(got) == sorted(expected)
+    for name, content in expected.items():
+        assert got[name] == content, name
 
 
 KILLS = [

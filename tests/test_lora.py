@@ -44,3 +44,25 @@ def test_fold_new_adapter_preserves_outputs_and_reloads(tiny_llama, tmp_path):
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=x).logits, folded, rtol=0, atol=0)
+
+
+def test_saved_target_modules_do_not_depend_on_set_order(tiny_llama, tmp_path, monkeypatch):
+    """PEFT writes target_modules from a set, so two processes may write them in two orders; the saved
+    adapter_config.json must be the same bytes either way (a resumed run's adapter folder equals an
+    uninterrupted run's)."""
+    import dataclasses
+    import json
+
+    from peft import LoraConfig
+
+    model = lora.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                             lora.lora_config(4, 8, 0.0, ["q_proj", "v_proj", "k_proj"]))
+    written = []
+    for order in (["v_proj", "q_proj", "k_proj"], ["k_proj", "q_proj", "v_proj"]):
+        # what to_dict hands PEFT's writer in a process whose string hashing gives this set order
+        monkeypatch.setattr(LoraConfig, "to_dict",
+                            lambda self, order=order: {**dataclasses.asdict(self), "target_modules": order})
+        lora.save_adapter(model, tmp_path / "-".join(order))
+        written.append((tmp_path / "-".join(order) / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == ["k_proj", "q_proj", "v_proj"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 
@@ -12,13 +13,13 @@ from .errors import UserError
 
 _HELP = {
     "method": "continual method (see `clora methods`)",
-    "method_options": "method option key=value (repeatable; see `clora methods`)",
-    "model": "hub id, local directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    "method_options": "method option key=value (repeatable; see `clora methods`) (default: the method's own)",
+    "model": "hub id, local directory or .gguf file (default: smollm2-135m-instruct, the embedded SmolLM2-135M-Instruct)",
     "data_dir": "benchmark directory in the CL_Benchmark layout (default: the copy shipped with clora)",
     "order": "task order: 1-6 or TC-3 (see `clora tasks`)",
-    "tasks": "custom task order, comma-separated (instead of --order)",
-    "train_per_task": "cap on training items per task (a seeded random sample)",
-    "test_per_task": "cap on test items per task (a seeded random sample)",
+    "tasks": "custom task order, comma-separated (instead of --order) (default: none, --order applies)",
+    "train_per_task": "cap on training items per task (a seeded random sample) (default: all items)",
+    "test_per_task": "cap on test items per task (a seeded random sample) (default: all items)",
     "sample_seed": "seed of the caps' samples",
     "dev_per_task": "hold out N items of each task's training file as its dev split (seeded; never trained on)",
     "eval_split": "evaluate on the test items, or on the dev items (tuning: no test item is read)",
@@ -26,6 +27,13 @@ _HELP = {
     "batch_size": "global training batch size (split over the processes)",
     "grad_accum": "gradient accumulation steps",
     "eval_batch_size": "generation batch size",
+    "lr": "learning rate (AdamW, constant)",
+    "rank": "LoRA rank",
+    "alpha": "LoRA alpha (the LoRA update is scaled by alpha / rank)",
+    "dropout": "LoRA dropout",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "seed": "training seed (initialisations, batch order)",
     "target_modules": "comma-separated LoRA target modules (default: the model's query and value projections)",
     "max_prompt_tokens": "longer prompts lose tokens from the middle of their sentence",
     "precision": "mixed precision: no, bf16 or fp16",
@@ -35,6 +43,41 @@ _HELP = {
     "on_nonfinite": "a NaN/inf loss or gradient: stop the stage (keeping the last checkpoint) or skip the batch",
 }
 _SHORT = {"method_options": ["-o", "--method-option"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # The promised one line, not argparse's usage dump: `--help` has the usage.
+        print(f"clora: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        self.exit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default exactly once: the help's own words where it names it (a None default
+    means something in words), else the value; none for on/off flags, which are off unless given."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if "(default:" in help_text or action.nargs == 0:
+            return help_text
+        if action.default is None:
+            return help_text + " (default: none)"
+        return super()._get_help_string(action)
+
+
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)
+
+
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`: argparse (before Python 3.13) takes "-1e-3" for an option and
+    stops with its usage; joined, the value reaches validation, whose error names what is wrong."""
+    joined: list[str] = []
+    for word in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NUMBER.fullmatch(word):
+            joined[-1] += "=" + word
+        else:
+            joined.append(word)
+    return joined
 
 
 _GRID_FIELDS = {"method", "order", "tasks", "seed"}  # `clora compare` takes these as lists
@@ -60,8 +103,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozen
 
 
 def _run_parser(sub) -> None:
-    parser = sub.add_parser("run", help="run a continual method over a task order",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser("run", help="run a continual method over a task order", formatter_class=_HelpFormatter)
     _add_config_options(parser)
     parser.add_argument("--output", help="run directory (default: runs/<method>-<order>)")
     group = parser.add_mutually_exclusive_group()
@@ -71,7 +113,7 @@ def _run_parser(sub) -> None:
 
 def _compare_parser(sub) -> None:
     parser = sub.add_parser("compare", help="methods x orders x seeds, one table and one plot (resumable)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_HelpFormatter)
     parser.add_argument("--methods", required=True, help="comma-separated methods")
     parser.add_argument("--orders", default="1", help="comma-separated task orders")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -92,7 +134,7 @@ def _compare_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clora", description="Continual low-rank fine-tuning of LLMs.")
+    parser = _Parser(prog="clora", description="Continual low-rank fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _compare_parser(sub)
@@ -100,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list the methods and their options")
     tasks = sub.add_parser("tasks", help="list the benchmark's tasks and orders")
     tasks.add_argument("--data-dir")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # --help, or a parse error already printed as one line
+        return int(exc.code or 0)
     try:
         if args.command == "run":
             return _run(args)
@@ -141,7 +186,7 @@ def _compare(args, argv: list[str] | None) -> int:
     import shlex
     from pathlib import Path
 
-    from . import compare
+    from . import compare, preflight
     from .continual import run
     from .parallel import run_parallel
 
@@ -160,6 +205,8 @@ def _compare(args, argv: list[str] | None) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
     output = Path(args.output)
+    if not args.report_only:  # before the comparison's folder is created (see clora.preflight)
+        preflight.check_grid(grid, output)
     parallel = args.jobs > 1 and not args.report_only
     failed = run_parallel(grid, output, args.jobs) if parallel else []
     results = compare.run_grid(grid, output, run, report_only=args.report_only or parallel)
@@ -212,7 +259,7 @@ _TUNE_SKIP = {"method", "method_options", "eval_split", "test_per_task"}  # set 
 
 def _tune_parser(sub) -> None:
     parser = sub.add_parser("tune", help="choose each method's hyper-parameters on the dev split, same budget for all",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_HelpFormatter)
     parser.add_argument("--methods", required=True, help="comma-separated methods")
     parser.add_argument("--trials", type=int, required=True, help="the budget: trials per method, the same for every method")
     parser.add_argument("--output", required=True,

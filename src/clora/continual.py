@@ -15,7 +15,7 @@ from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from . import faults, report
+from . import faults, preflight, report
 from .atomic import write_json_atomic
 from .benchmark import Benchmark, Item, Task, default_benchmark_dir, epochs_for, resolve_tasks
 from .config import RunConfig
@@ -76,13 +76,26 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
                         f"{accelerator.num_processes} processes")
     main = accelerator.is_main_process
-    rundir = (RunDir.open(output, cfg.to_dict(), resume, overwrite, RunConfig.RUN_CONTROL, RunConfig().to_dict())
-              if main else RunDir(Path(output)))
-    accelerator.wait_for_everyone()
     stage_names = [s.name for s in p.stages]
+    control = preflight.folder_rules()
+    # Every refusal comes before the output folder is created or changed (see clora.preflight). The main
+    # process alone: another one could see the folder the main one has just created.
+    if main:
+        RunDir.check(output, cfg.to_dict(), resume, overwrite, *control)
+    summarise_only = resume and _finished(RunDir(Path(output)), stage_names, cfg.zero_shot)
+    if not summarise_only:
+        preflight.check_model(cfg.model, method)
+        set_seed(cfg.seed)
+        loaded = load_model(cfg.model)
+        model = preflight.attach(method, loaded.model, cfg.model).to(accelerator.device)
+        if main:  # stage 1 as far as it is known before it starts; every stage checks again
+            trainable = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
+            RunDir(Path(output)).check_space(_space_needed(trainable), f"stage 1 ({stage_names[0]})")
+    rundir = RunDir.open(output, cfg.to_dict(), resume, overwrite, *control) if main else RunDir(Path(output))
+    accelerator.wait_for_everyone()
     records = rundir.completed(stage_names)
     saved_zero_shot = rundir.load_zero_shot() if cfg.zero_shot else None
-    if len(records) == len(p.stages) and (not cfg.zero_shot or saved_zero_shot):
+    if summarise_only:
         # A finished run is only summarised again: no model, adapters or weight deltas are needed, so
         # a comparison over committed result runs (which keep no weights) still completes.
         if main:
@@ -90,10 +103,7 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
         accelerator.wait_for_everyone()
         return json.loads((rundir.path / "metrics.json").read_text())
 
-    set_seed(cfg.seed)
-    loaded = load_model(cfg.model)
     encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-    model = method.attach(loaded.model).to(accelerator.device)
     writer = SummaryWriter(str(rundir.path / "tb")) if main else None
     log_scalar = writer.add_scalar if writer else None
 
@@ -120,8 +130,7 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
         method.on_task_start(model, data)
         trainable = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
         if main:
-            # Adapter, deltas and a step checkpoint with its optimizer state: a few times the trainable weights.
-            rundir.check_space(16 * trainable + (64 << 20), f"stage {stage.index + 1} ({stage.name})")
+            rundir.check_space(_space_needed(trainable), f"stage {stage.index + 1} ({stage.name})")
         options = TrainOptions(
             epochs=epochs_for(stage.tasks[0], p.order_label, cfg.epochs) if len(stage.tasks) == 1 else cfg.epochs,
             max_grad_norm=cfg.max_grad_norm, on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
@@ -159,6 +168,16 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
         writer.close()
     result = json.loads((rundir.path / "metrics.json").read_text())
     return result
+
+
+def _finished(rundir: RunDir, stage_names: list[str], zero_shot: bool) -> bool:
+    return (len(rundir.completed(stage_names)) == len(stage_names)
+            and (not zero_shot or rundir.load_zero_shot() is not None))
+
+
+def _space_needed(trainable: int) -> int:
+    # Adapter, deltas and a step checkpoint with its optimizer state: a few times the trainable weights.
+    return 16 * trainable + (64 << 20)
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:

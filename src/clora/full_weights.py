@@ -51,7 +51,8 @@ class FullWeights:
 
     def __init__(self, model: nn.Module, pattern: str):
         self.params = select_matrices(model, pattern)
-        self.base = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
+        # A weightless skeleton (the pre-flight check builds the model on the meta device) has no W0 to copy.
+        self.base = {name: p.detach().to("meta" if p.is_meta else "cpu", copy=True) for name, p in self.params.items()}
         self._pinned: dict[str, torch.Tensor] = {}  # the rare deltas recomputing would not reproduce
 
     def parameters(self) -> list[nn.Parameter]:

@@ -100,6 +100,13 @@ def fold_new_adapter(model: PeftModel) -> None:
 
 def save_adapter(model: PeftModel, directory: Path) -> None:
     model.save_pretrained(str(directory), selected_adapters=[DEFAULT])
+    # PEFT writes target_modules from a set, in an order that follows the process's string hashing: sorted,
+    # a resumed run's adapter folder is byte-identical to an uninterrupted one's.
+    config_file = Path(directory) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_adapter(model: PeftModel, directory: Path) -> None:

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -65,10 +68,52 @@ def resolve_model_dir(spec: str) -> str:
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"model file not found: {spec}")
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":  # the gguf reader's own error on another file is a traceback
+                raise UserError(f"model file {spec} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return str(_dequantised_gguf(path))
     if Path(spec).exists() and not (Path(spec) / "config.json").is_file():
         raise UserError(f"model directory {spec} has no config.json")
+    if not Path(spec).exists() and not _is_hub_id(spec):
+        raise UserError(f"model not found: no such file or directory: {spec}")
     return spec
+
+
+def _is_hub_id(spec: str) -> bool:
+    """Whether `spec` could name a hub repository: a missing local path such as ./nowhere is not one,
+    and deserves "no such file" rather than the hub's rules for repository names."""
+    if spec.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def load_config(spec: str, source: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {spec!r}: {_one_line(exc)}") from None
+
+
+def load_tokenizer(spec: str, source: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot load the tokenizer of model {spec!r}: {_one_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of {spec!r} has no EOS token; answers could not end")
+    return tokenizer
+
+
+def _one_line(exc: Exception, limit: int = 400) -> str:
+    # transformers spreads some messages over lines ("... from one of:\n(1) ..."): the whole of it, on one.
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _dequantised_gguf(gguf: Path) -> Path:
@@ -99,17 +144,16 @@ def _dequantised_gguf(gguf: Path) -> Path:
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     source = resolve_model_dir(spec)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as exc:
-        raise UserError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    config = load_config(spec, source)
+    tokenizer = load_tokenizer(spec, source)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of {spec!r} has no EOS token; answers could not end")
+    try:
+        model = auto_class(config).from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:  # missing or unreadable weights
+        raise UserError(f"cannot load the weights of model {spec!r}: {_one_line(exc)}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, is_encoder_decoder, source)
+
+
+def auto_class(config: PretrainedConfig) -> type:
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

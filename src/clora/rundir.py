@@ -53,6 +53,20 @@ def _lock(path: Path) -> None:
     _held_locks[key] = handle
 
 
+def _check_not_locked(path: Path) -> None:
+    """Refuse a folder another process holds, without taking (or creating) its lock."""
+    lock_file = path / LOCK_NAME
+    if path.resolve() in _held_locks or not lock_file.is_file():
+        return
+    with open(lock_file) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = handle.read().strip() or "another process"
+            raise UserError(f"{path} is in use by another clora process ({owner}); wait for it to end or stop it") from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _holds_something(path: Path) -> bool:
     return any(p.name != LOCK_NAME for p in path.iterdir())
 
@@ -69,37 +83,64 @@ class RunDir:
         self.stages = self.path / "stages"
 
     @classmethod
+    def check(cls, path: str | Path, config: dict, resume: bool, overwrite: bool,
+              run_control: frozenset[str] = frozenset(), defaults: dict | None = None) -> None:
+        """Every refusal of `open`, made without creating or changing anything: a command refused at
+        start-up leaves its output folder exactly as it found it, so the corrected command just works.
+        `run_control`: options that do not change results (a resume may change them); `defaults`:
+        values of options an older run's config.json predates."""
+        path = Path(path)
+        config_file = path / "config.json"
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output {path} exists and is not a directory")
+        if not path.is_dir():
+            if resume:
+                raise UserError(f"cannot resume: {path} does not exist; run without --resume to start it")
+            return
+        _check_not_locked(path)
+        if not config_file.is_file():
+            if resume:
+                raise UserError(f"cannot resume: {path} holds no clora run (no config.json); "
+                                "run without --resume to start one")
+            if not overwrite and _holds_something(path):
+                raise UserError(f"output {path} already holds other files; pass --resume to continue it or "
+                                "--overwrite to replace it")
+            return
+        if overwrite:
+            return
+        if not resume:
+            raise UserError(f"output {path} already holds a different run; pass --resume to continue it or "
+                            "--overwrite to replace it")
+        previous = {**(defaults or {}), **json.loads(config_file.read_text())}
+        changed = sorted(k for k in set(previous) | set(config)
+                         if k not in run_control and previous.get(k) != config.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
+            raise UserError(f"cannot resume {path}: options differ from the run there ({details})")
+
+    @classmethod
     def open(cls, path: str | Path, config: dict, resume: bool, overwrite: bool,
              run_control: frozenset[str] = frozenset(), defaults: dict | None = None) -> "RunDir":
-        """`run_control`: options that do not change results (a resume may change them); `defaults`:
-        values of options an older run's config.json predates."""
+        """Create or take over the run folder (see `check`, whose refusals come first)."""
         run = cls(Path(path))
         config_file = run.path / "config.json"
-        if run.path.exists() and not run.path.is_dir():
-            raise UserError(f"output {run.path} exists and is not a directory")
-        if not overwrite and run.path.is_dir() and not config_file.is_file() and _holds_something(run.path):
-            # Not a clora run: refused before the lock, so that no lock file is left in someone else's folder.
-            raise UserError(f"cannot resume: {run.path} holds no clora run (no config.json)" if resume else
-                            f"output {run.path} already holds other files; pass --resume to continue it or --overwrite to replace it")
+        cls.check(run.path, config, resume, overwrite, run_control, defaults)
+        created = not run.path.exists()
         with guard_disk(run.path):
             run.path.mkdir(parents=True, exist_ok=True)
-        run._check_writable()
+        try:
+            run._check_writable()
+        except UserError:
+            if created:
+                run.path.rmdir()
+            raise
         _lock(run.path)
-        holds_something = _holds_something(run.path)
-        if holds_something and overwrite:
+        # Again under the lock: another process may have written the folder since the check.
+        cls.check(run.path, config, resume, overwrite, run_control, defaults)
+        if overwrite:
             for child in run.path.iterdir():
                 if child.name != LOCK_NAME:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        elif holds_something and resume:
-            previous = {**(defaults or {}), **json.loads(config_file.read_text())}
-            changed = sorted(k for k in set(previous) | set(config)
-                             if k not in run_control and previous.get(k) != config.get(k))
-            if changed:
-                details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
-                raise UserError(f"cannot resume {run.path}: options differ from the run there ({details})")
-        elif holds_something:
-            raise UserError(f"output {run.path} already holds a different run; pass --resume to continue it or "
-                            "--overwrite to replace it")
         if not config_file.is_file():
             with guard_disk(config_file):
                 write_json_atomic(config_file, config)
@@ -111,15 +152,19 @@ class RunDir:
         probe = self.path / ".write-probe.tmp"
         try:
             probe.write_bytes(b"x" * 4096)
-            probe.unlink()
         except OSError as exc:
             raise UserError(f"output {self.path} is not writable: {exc.strerror}") from None
+        finally:
+            probe.unlink(missing_ok=True)  # a disk that filled mid-write still leaves no probe behind
 
     def check_space(self, needed: int, what: str) -> None:
-        free = shutil.disk_usage(self.path).free
+        # Checked before the folder is created too, so measured on the nearest folder that exists.
+        where = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        free = shutil.disk_usage(where).free
         if free < needed:
+            again = "rerun with --resume" if (self.path / "config.json").is_file() else "rerun"
             raise UserError(f"not enough disk space in {self.path}: {free >> 20} MB free, {what} needs about "
-                            f"{needed >> 20} MB; free some and rerun with --resume")
+                            f"{needed >> 20} MB; free some and {again}")
 
     def in_progress(self, index: int, name: str) -> Path:
         return self.path / "in_progress" / f"{index + 1:02d}-{name}"
