@@ -54,3 +54,25 @@ def test_length_batches_are_seeded_and_their_order_is_shuffled():
 def test_padding_fraction():
     assert padding_fraction([2, 4], [[0, 1]]) == 0.25
     assert padding_fraction([3, 3], [[0], [1]]) == 0.0
+
+
+def test_a_run_made_before_length_grouping_resumes_with_random_batches(tiny_llama, tiny_bench, tmp_path):
+    """Its config.json has no `batching`: it was run with random batches, so a resume must keep them
+    and a resume asking for length batches must be refused."""
+    import json
+
+    import pytest
+
+    import clora
+    from clora.errors import UserError
+    from conftest import tiny_config
+
+    out = tmp_path / "old-run"
+    config = tiny_config(tiny_llama, tiny_bench, batching="random", epochs=1, train_per_task=8, test_per_task=4)
+    clora.run(config, out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["batching"]  # as written before the option existed
+    (out / "config.json").write_text(json.dumps(saved))
+    assert clora.run(config, out, resume=True)["status"] == "complete"
+    with pytest.raises(UserError, match="batching"):
+        clora.run(tiny_config(tiny_llama, tiny_bench, epochs=1, train_per_task=8, test_per_task=4), out, resume=True)

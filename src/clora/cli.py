@@ -25,6 +25,7 @@ _HELP = {
     "eval_split": "evaluate on the test items, or on the dev items (tuning: no test item is read)",
     "epochs": "epochs per task (MNLI trains twice as many in orders 4-6)",
     "batch_size": "global training batch size (split over the processes)",
+    "batching": "training batches of similar-length items (less padding; batch order still shuffled) or random",
     "grad_accum": "gradient accumulation steps",
     "eval_batch_size": "generation batch size",
     "lr": "learning rate (AdamW, constant)",

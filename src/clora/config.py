@@ -25,6 +25,7 @@ class RunConfig:
     eval_split: Literal["test", "dev"] = "test"  # "dev": the matrix is over dev items (tuning), no test item is read
     epochs: int = 1
     batch_size: int = 8
+    batching: Literal["length", "random"] = "length"  # training batches of similar-length items, or random
     grad_accum: int = 1
     eval_batch_size: int = 16
     lr: float = 1e-3
@@ -44,6 +45,9 @@ class RunConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the stage, or skips the batch
 
     RUN_CONTROL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "on_nonfinite"})
+    # What a config.json written before an option existed was run with, where that is not the option's
+    # default today (runs before length grouping shuffled their batches at random).
+    PREDATED: ClassVar[dict] = {"batching": "random"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +73,8 @@ class RunConfig:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        if self.batching not in ("length", "random"):
+            raise UserError(f"--batching must be length or random, got {self.batching!r}")
         if self.eval_split not in ("test", "dev"):
             raise UserError(f"--eval-split must be test or dev, got {self.eval_split!r}")
         if self.eval_split == "dev" and self.dev_per_task is None:

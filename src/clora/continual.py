@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from . import faults, preflight, report
 from .atomic import write_json_atomic
+from .batching import TrainingBatches
 from .benchmark import Benchmark, Item, Task, default_benchmark_dir, epochs_for, resolve_tasks
 from .config import RunConfig
 from .encoding import Encoder
@@ -115,8 +116,8 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
     def make_loader(items: list[tuple[str, Item]], shuffle_seed: int) -> DataLoader:
         examples = [encoder.example(p.tasks[name].prompt(item), item.label) for name, item in items]
         generator = torch.Generator().manual_seed(shuffle_seed)
-        return DataLoader(examples, batch_size=cfg.batch_size, sampler=RandomSampler(examples, generator=generator),
-                          collate_fn=encoder.collate_train)
+        batches = TrainingBatches([len(e.input_ids) for e in examples], cfg.batch_size, cfg.batching, generator)
+        return DataLoader(examples, batch_sampler=batches, collate_fn=encoder.collate_train)
 
     written = False
     for stage in p.stages[len(records):]:

@@ -25,9 +25,7 @@ from .rundir import RunDir
 def folder_rules() -> tuple[frozenset[str], dict]:
     """What `RunDir.check`/`open` compare a resumed run's config.json by: the options a resume may change,
     and the values of options an older config.json predates."""
-    # PREDATED (the options newer than some config.json files) lives beside the options; a RunConfig
-    # without any has nothing to add.
-    return RunConfig.RUN_CONTROL, {**RunConfig().to_dict(), **getattr(RunConfig, "PREDATED", {})}
+    return RunConfig.RUN_CONTROL, {**RunConfig().to_dict(), **RunConfig.PREDATED}
 
 
 def check_grid(grid, output: Path) -> None:
