@@ -140,3 +140,15 @@ def test_cli_runs_end_to_end_as_a_process(tiny_bench, tiny_llama, tmp_path):
     again = subprocess.run([sys.executable, "-m", "clora.cli", *base_args(tiny_bench, out, tiny_llama)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
+
+
+def test_methods_lists_every_method_and_says_where_a_default_is_not_yet_tuned(capsys):
+    from clora.methods import registry
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in f"\n{out}" for name in registry())
+    galore = out[out.index("\ngalore "):out.index("\ngorp ")]
+    assert "note: full_lr=1e-05" in galore and "0 % on dbpedia" in galore
+    seq = out[out.index("\nseq-lora "):]
+    assert "note:" not in seq

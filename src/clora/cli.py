@@ -347,6 +347,8 @@ def _methods() -> int:
     for name, cls in registry().items():
         options = " ".join(describe_options(cls.Options)) or "(no options)"
         print(f"{name:14s} {cls.summary}\n{'':14s} options: {options}")
+        if cls.defaults_note:
+            print(f"{'':14s} note: {cls.defaults_note}")
     return 0
 
 

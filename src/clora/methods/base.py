@@ -74,6 +74,9 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""
+    # Where a default is known not to suit the default model and no dev-split tuning has replaced it
+    # yet, `clora methods` says so here (the project's rule: defaults must make a method learn).
+    defaults_note: ClassVar[str] = ""
     keeps_old_data: ClassVar[bool] = False  # only Replay: reports must say so
     needs_task_id: ClassVar[bool] = False  # PerTaskFT: evaluation is told which task an item is from
     # False where the method needs whole parameters or gradients on every process (an SVD of a full

@@ -69,6 +69,9 @@ class GaLore(SavesFullWeights, Method):
     name = "galore"
     Options = GaLoreOptions
     summary = "sequential full-rank fine-tuning of chosen matrices in a GaLore low-rank gradient subspace"
+    defaults_note = ("full_lr=1e-05 is the papers' rate for T5-large/LLaMA; on the default model it leaves GaLore "
+                     "at 0 % on dbpedia. It stays the default until the dev-split search (`clora tune`, "
+                     "benchmarks/results_grid.sh) has chosen one; pass -o full_lr=... meanwhile")
     supports_sharding = False  # its projections take SVDs of whole gradients
 
     def __init__(self, settings, options=None):

@@ -55,6 +55,9 @@ class GORP(SavesFullWeights, Method):
     Options = GORPOptions
     summary = ("a new LoRA per task plus full-rank matrices in a GaLore subspace, gradients projected "
                "away from a shared space grown from Adam's first moments")
+    defaults_note = ("full_lr=1e-05 is the paper's rate for T5-large/LLaMA, not chosen on the default model (GaLore "
+                     "at that rate stays at 0 % on dbpedia). It stays the default until the dev-split search "
+                     "(`clora tune`) has chosen one; pass -o full_lr=... meanwhile")
     supports_sharding = False  # its projections take SVDs of whole gradients
 
     def __init__(self, settings, options=None):
