@@ -20,5 +20,12 @@ install: $(BIN)/clora
 test: install
 	$(BIN)/pytest
 
+# Forgetting and a cure, side by side: SeqLoRA and GORP (two processes) learn dbpedia, then agnews, two
+# topic tasks that collide; each run's accuracy matrix, then the comparison with its paired test.
 demo: install
-	$(BIN)/clora run --method seq-lora --order 1 --train-per-task 32 --test-per-task 32 --output runs/demo --overwrite
+	rm -rf runs/demo
+	$(BIN)/clora compare --methods seq-lora,gorp --orders dbpedia+agnews --train-per-task 192 --test-per-task 32 \
+	  --lr 2e-3 --jobs 2 --output runs/demo
+	@for run in runs/demo/seq-lora runs/demo/gorp; do echo; echo "== $$run"; \
+	  sed -n '/^| after task/,/^$$/p' $$run/*/report.md; done
+	@sed -n '/^| method/,$$p' runs/demo/summary.md
