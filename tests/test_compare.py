@@ -118,3 +118,27 @@ def test_page_shows_each_method_per_order_so_methods_are_compared_on_shared_orde
     assert lines[2] == "| deal | 60.0 (-2.0) | 50.0 (-4.0) |"
     assert lines[3] == "| o-lora | 64.0 (-4.0) partial | — |"
     assert _by_order_table([run("deal", "1", 60.0, -2.0)]) == ""  # one order: nothing to break down
+
+
+def test_a_labelled_variant_has_its_own_runs_and_takes_its_methods_tuned_settings(tmp_path):
+    import pytest
+
+    from clora.compare import expand, run_dir_of
+    from clora.config import RunConfig
+    from clora.errors import UserError
+    from clora.tune import settings_for
+
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps({"methods": {"gorp": {"settings": {"lr": "0.002", "full_lr": "0.0001"}}}}))
+    methods = ["gorp", "gorp-no-shared:gorp"]
+    per_method = settings_for(chosen, methods)
+    per_method["gorp-no-shared"].append("shared_space=false")
+    grid = expand(RunConfig(), methods, ["1"], [0], per_method)
+    (label_a, _, _, full), (label_b, _, _, ablation) = grid
+    assert (label_a, label_b) == ("gorp", "gorp-no-shared")
+    assert full.method == ablation.method == "gorp" and full.lr == ablation.lr == 0.002
+    assert full.method_options == ["full_lr=0.0001"]
+    assert ablation.method_options == ["full_lr=0.0001", "shared_space=false"]
+    assert run_dir_of(tmp_path, label_b, "1", 0) != run_dir_of(tmp_path, label_a, "1", 0)
+    with pytest.raises(UserError, match="twice"):
+        expand(RunConfig(), ["gorp", "gorp:gorp"], ["1"], [0], {})

@@ -31,18 +31,30 @@ PUBLISHED = {
 }
 
 
+def parse_method(spec: str) -> tuple[str, str]:
+    """"LABEL:METHOD" is a variant of a method with its own row and run folders (an ablation such as
+    `gorp-no-shared:gorp` with `--for gorp-no-shared shared_space=false`), so it is tested against the
+    others in the same table; a plain name is its own label."""
+    label, _, method = spec.partition(":")
+    return label, method or label
+
+
 def expand(base: RunConfig, methods: list[str], orders: list[str], seeds: list[int],
            per_method: dict[str, list[str]]) -> list[tuple[str, str, int, RunConfig]]:
-    """The grid of runs; `per_method[m]` holds "key=value" overrides of a RunConfig field or, for any
-    other key, a method option."""
+    """The grid of runs, (label, order, seed, config); `per_method[label]` holds "key=value" overrides of a
+    RunConfig field or, for any other key, a method option."""
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    unknown = set(per_method) - set(methods)
+    specs = [parse_method(m) for m in methods]
+    labels = [label for label, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--methods names a method or label twice: {','.join(methods)}")
+    unknown = set(per_method) - set(labels)
     if unknown:
         raise UserError(f"--for names methods not in --methods: {', '.join(sorted(unknown))}")
     grid = []
-    for method in methods:
+    for label, method in specs:
         overrides, options = {}, list(base.method_options)
-        for pair in per_method.get(method, []):
+        for pair in per_method.get(label, []):
             key, sep, value = pair.partition("=")
             if not sep:
                 raise UserError(f"--for {method} {pair!r} is not key=value")
@@ -54,7 +66,7 @@ def expand(base: RunConfig, methods: list[str], orders: list[str], seeds: list[i
             for seed in seeds:
                 # "a+b+c" is a custom order, so a comparison can run on one's own tasks too.
                 tasks = order.replace("+", ",") if "+" in order else None
-                grid.append((method, order, seed, dataclasses.replace(
+                grid.append((label, order, seed, dataclasses.replace(
                     base, method=method, order=None if tasks else order, tasks=tasks, seed=seed,
                     method_options=options, **overrides)))
     return grid

@@ -414,11 +414,14 @@ def settings_for(path: Path, methods: list[str]) -> dict[str, list[str]]:
         tuned = chosen["methods"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"--settings file {path} is not a chosen.json written by clora tune") from None
-    missing = [m for m in methods if m not in tuned]
+    from .compare import parse_method
+
+    specs = [parse_method(m) for m in methods]  # a variant (LABEL:METHOD) takes its method's settings
+    missing = [m for _, m in specs if m not in tuned]
     if missing:
         raise UserError(f"--settings file {path} has no tuned settings for {', '.join(missing)}: tune them too, "
                         "or leave them out of --methods")
-    return {m: [f"{k}={v}" for k, v in tuned[m]["settings"].items()] for m in methods}
+    return {label: [f"{k}={v}" for k, v in tuned[m]["settings"].items()] for label, m in specs}
 
 
 if __name__ == "__main__":
