@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     _run_parser(sub)
     _compare_parser(sub)
     _tune_parser(sub)
+    _export_parser(sub)
     sub.add_parser("methods", help="list the methods and their options")
     tasks = sub.add_parser("tasks", help="list the benchmark's tasks and orders")
     tasks.add_argument("--data-dir")
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args, argv)
         if args.command == "tune":
             return _tune(args, argv)
+        if args.command == "export":
+            return _export(args)
         if args.command == "methods":
             return _methods()
         return _tasks(args.data_dir)
@@ -338,6 +341,24 @@ def _tune(args, argv: list[str] | None) -> int:
         print(f"clora tune: no trial of {', '.join(unchosen)} completed, so nothing was chosen for it "
               "(see the errors above)", file=sys.stderr)
     return 1 if unchosen else 0
+
+
+def _export_parser(sub) -> None:
+    parser = sub.add_parser("export", help="a run's model after one stage, as a standalone Hugging Face folder",
+                            formatter_class=_HelpFormatter)
+    parser.add_argument("run", help="the run folder")
+    parser.add_argument("--stage", type=int, help="the stage to export, 1-based (default: the last complete stage)")
+    parser.add_argument("--to", required=True, help="a new or empty folder to write the model to")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="write the stage's plain PEFT adapter (and tokenizer), not the merged model")
+
+
+def _export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.to, args.stage, args.adapter_only)
+    print(f"clora: exported {args.run} -> {path} (its README.md says what it holds)")
+    return 0
 
 
 def _methods() -> int:
