@@ -1,7 +1,7 @@
 """A table of mistakes a new user makes, each refused before anything is written: exit code 2, exactly
 one line `clora: error: ...` naming the fault, no traceback, and the output path exactly as it was
 (absent stays absent; an existing folder keeps its listing and bytes), so the corrected command just
-works. clora has no --config option: `--config DIR` is in the table as an unknown option."""
+works. `--config FILE` (run options from YAML/JSON) has rows of its own."""
 from __future__ import annotations
 
 import json
@@ -62,6 +62,12 @@ def _disk_full(env):
     env.monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 20))
 
 
+def _config_file(text: str, name: str = "run.yaml"):
+    def setup(env):
+        (env.bench.parent / name).write_text(text)
+    return setup
+
+
 # (id, command, words the error line must hold, setup)
 CASES = [
     # the four of the issue
@@ -94,7 +100,18 @@ CASES = [
     ("dropout-out-of-range", RUN + " --dropout 1.5", ["--dropout"], None),
     ("precision-unknown", RUN + " --precision fp64", ["--precision", "fp64"], None),
     ("unknown-option", RUN + " --nosuch 3", ["--nosuch"], None),
-    ("config-directory", RUN + " --config {models}", ["--config"], None),
+    ("config-directory", RUN + " --config {models}", ["--config", "is a directory"], None),
+    ("config-missing", RUN + " --config {tmp}/nosuch.yaml", ["--config", "nosuch.yaml", "no such file"], None),
+    ("config-unknown-key", RUN + " --config {tmp}/run.yaml", ["run.yaml", "unknown option", "learning_rate"],
+     _config_file("learning_rate: 0.1\n")),
+    ("config-malformed-yaml", RUN + " --config {tmp}/run.yaml", ["run.yaml", "not valid YAML", "line 3"],
+     _config_file("lr: 0.1\nrank: [4\n")),
+    ("config-malformed-json", RUN + " --config {tmp}/run.json", ["run.json", "not valid JSON", "line 1"],
+     _config_file('{"lr": 0.1,', "run.json")),
+    ("config-not-a-mapping", RUN + " --config {tmp}/run.yaml", ["run.yaml", "mapping"], _config_file("- lr\n- rank\n")),
+    ("config-wrong-type", RUN + " --config {tmp}/run.yaml", ["run.yaml", "rank", "integer", "'four'"],
+     _config_file("rank: four\n")),
+    ("config-bad-value", RUN + " --config {tmp}/run.yaml", ["--rank must be a positive integer"], _config_file("rank: 0\n")),
     ("resume-and-overwrite", RUN + " --resume --overwrite", ["--overwrite", "--resume"], None),
     # data
     ("data-dir-missing", RUN + " --data-dir {tmp}/nowhere", ["nowhere"], None),

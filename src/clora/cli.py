@@ -103,13 +103,17 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozen
             parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text)
 
 
-def _run_parser(sub) -> None:
+def _run_parser(sub) -> argparse.ArgumentParser:
     parser = sub.add_parser("run", help="run a continual method over a task order", formatter_class=_HelpFormatter)
+    parser.add_argument("--config", metavar="FILE",
+                        help="run options from a YAML or JSON file, keys as in a run folder's config.json (which is "
+                             "itself one: it replays the run); options given on the command line win")
     _add_config_options(parser)
     parser.add_argument("--output", help="run directory (default: runs/<method>-<order>)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --output after its last finished stage")
     group.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    return parser
 
 
 def _compare_parser(sub) -> None:
@@ -137,7 +141,7 @@ def _compare_parser(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="clora", description="Continual low-rank fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+    run_parser = _run_parser(sub)
     _compare_parser(sub)
     _tune_parser(sub)
     _export_parser(sub)
@@ -145,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     tasks = sub.add_parser("tasks", help="list the benchmark's tasks and orders")
     tasks.add_argument("--data-dir")
     try:
-        args = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
+        words = _join_negative_numbers(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # --help, or a parse error already printed as one line
         return int(exc.code or 0)
     try:
         if args.command == "run":
+            _apply_config_file(args, run_parser, words[1:])
             return _run(args)
         if args.command == "compare":
             return _compare(args, argv)
@@ -166,6 +172,45 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clora: interrupted; finished stages are kept, continue with --resume", file=sys.stderr)
         return 130
+
+
+_ORDER_KEYS = ("order", "tasks", "tasks_file")  # one of them names the tasks
+_COMPUTED = {"tasks_digest"}  # in a run's config.json, but computed from the data, never given
+
+
+def _apply_config_file(args, parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """--config FILE: its options replace the defaults, and only the options actually given on the command
+    line override it (an option given with its default value too). `-o` adds to the file's method
+    options, a repeated key winning; naming the tasks on the command line replaces the file's way."""
+    if args.config is None:
+        return
+    from . import configfile
+
+    values = {k: v for k, v in configfile.load(args.config).items() if k not in _COMPUTED}
+    given = _given(parser, words)
+    for key, value in values.items():
+        if key == "method_options" and key in given:
+            args.method_options = list(value) + list(args.method_options)
+        elif key not in given:
+            setattr(args, key, value)
+    if any(k in given for k in _ORDER_KEYS):
+        for key in _ORDER_KEYS:
+            if key not in given and hasattr(args, key):
+                setattr(args, key, parser.get_default(key))
+
+
+def _given(parser: argparse.ArgumentParser, words: list[str]) -> set[str]:
+    """The destinations of the options present in `words`: parsed again with every default suppressed,
+    so only what the user typed lands in the namespace."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(words)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
 
 
 def _run(args) -> int:
