@@ -36,6 +36,60 @@ def _empty_split(env):
     (env.bench / "COPA" / "beta" / "train.json").write_text("[]")
 
 
+STREAM = "run --tasks-file {tmp}/stream/stream.yaml --train-per-task 2 --test-per-task 2 --batch-size 2 --epochs 1 " \
+         "--model {llama} --output {out}"
+
+
+def _stream(env, tasks: str | None = None, files: dict | None = None):
+    """A good two-task stream (one labelled, one free-text) beside the benchmark, then `tasks`/`files`
+    in place of its YAML or data files: each case breaks exactly one thing."""
+    root = env.bench.parent / "stream"
+    root.mkdir(exist_ok=True)
+    good = {"a.jsonl": "".join(json.dumps({"input": f"s{i}", "output": "yes" if i % 2 else "no"}) + "\n" for i in range(4)),
+            "b.jsonl": "".join(json.dumps({"input": f"q{i}", "output": f"answer {i}"}) + "\n" for i in range(4))}
+    for name, text in {**good, **(files or {})}.items():
+        (root / name).write_text(text)
+    (root / "stream.yaml").write_text(tasks or "tasks:\n"
+                                      "  - {name: a, train: a.jsonl, test: a.jsonl, labels: [yes, no]}\n"
+                                      "  - {name: b, train: b.jsonl, test: b.jsonl}\n")
+
+
+def _stream_data_missing(env):
+    _stream(env, "tasks:\n  - {name: a, train: a.jsonl, test: nosuch.jsonl}\n")
+
+
+def _stream_item_lacks_field(env):
+    _stream(env, files={"b.jsonl": '{"input": "q", "output": "x"}\n\n{"input": "r"}\n'})
+
+
+def _stream_empty_file(env):
+    _stream(env, files={"b.jsonl": ""})
+
+
+def _stream_empty_split(env):
+    _stream(env, files={"b.jsonl": "\n\n"})
+
+
+def _stream_unknown_metric(env):
+    _stream(env, "tasks:\n  - {name: a, train: a.jsonl, test: a.jsonl, metric: bleu}\n")
+
+
+def _stream_name_twice(env):
+    _stream(env, "tasks:\n  - {name: a, train: a.jsonl, test: a.jsonl}\n  - {name: a, train: b.jsonl, test: b.jsonl}\n")
+
+
+def _stream_answer_not_in_labels(env):
+    _stream(env, "tasks:\n  - {name: a, train: a.jsonl, test: a.jsonl, labels: [yes, maybe]}\n")
+
+
+def _stream_malformed_yaml(env):
+    _stream(env, "tasks:\n  - {name: a, train: a.jsonl\n")
+
+
+def _stream_csv_missing_cell(env):
+    _stream(env, "tasks:\n  - {name: c, train: c.csv, test: c.csv}\n", {"c.csv": "input,output\nx,y\nz,\n"})
+
+
 def _out_is_a_file(env):
     env.out.write_text("my notes")
 
@@ -119,6 +173,23 @@ CASES = [
     ("data-item-without-label", RUN, ["test.json", "label"], _item_without_label),
     ("data-label-not-in-labels", RUN, ["test.json", "zzz"], _label_not_in_labels),
     ("data-empty-split", RUN, ["beta", "train.json"], _empty_split),
+    # a --tasks-file stream (clora.streams)
+    ("stream-file-missing", STREAM.replace("stream/stream.yaml", "nowhere.yaml"), ["nowhere.yaml", "does not exist"], None),
+    ("stream-data-file-missing", STREAM, ["nosuch.jsonl", "does not exist", "'a'"], _stream_data_missing),
+    ("stream-item-lacks-field", STREAM, ["b.jsonl", "line 3", "'output'"], _stream_item_lacks_field),
+    ("stream-csv-cell-missing", STREAM, ["c.csv", "row 2", "'output'"], _stream_csv_missing_cell),
+    ("stream-empty-file", STREAM, ["b.jsonl", "empty"], _stream_empty_file),
+    ("stream-empty-split", STREAM, ["b.jsonl", "empty"], _stream_empty_split),
+    ("stream-unknown-metric", STREAM, ["metric", "'bleu'", "rouge_l"], _stream_unknown_metric),
+    ("stream-task-named-twice", STREAM, ["'a'", "twice"], _stream_name_twice),
+    ("stream-answer-not-in-labels", STREAM, ["a.jsonl", "line 1", "'no'", "labels"], _stream_answer_not_in_labels),
+    ("stream-malformed-yaml", STREAM, ["stream.yaml", "malformed YAML", "line"], _stream_malformed_yaml),
+    ("stream-and-order", STREAM + " --order 2", ["--tasks-file", "--order"], _stream),
+    ("stream-and-tasks", STREAM + " --tasks alpha,beta", ["--tasks-file", "--tasks"], _stream),
+    ("stream-and-data-dir", STREAM + " --data-dir {bench}", ["--data-dir", "--tasks-file"], _stream),
+    ("stream-max-new-tokens-zero", STREAM + " --max-new-tokens 0", ["--max-new-tokens"], _stream),
+    ("compare-stream-and-orders", COMPARE.replace("--data-dir {bench}", "--tasks-file {tmp}/stream/stream.yaml")
+     + " --orders 2", ["--tasks-file", "--orders"], _stream),
     # the output path
     ("output-is-a-file", RUN, ["not a directory"], _out_is_a_file),
     ("output-holds-other-files", RUN, ["other files", "--overwrite"], _out_holds_other_files),

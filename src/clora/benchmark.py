@@ -75,8 +75,16 @@ class Task:
     train: list[Item]
     test: list[Item]
     dev: list[Item] = field(default_factory=list)  # held out of the training file (dev_cap), never trained on
+    # Tasks of a --tasks-file (clora.streams) differ from the benchmark's only in these three: R holds
+    # `metric` ("exact_match", or "rouge_l" for free-text answers), the prompt is `template` with
+    # "{input}" standing for the item's text, and generation stops after at most `max_new_tokens`.
+    metric: str = "exact_match"
+    template: str | None = None
+    max_new_tokens: int | None = None
 
     def prompt(self, item: Item) -> str:
+        if self.template is not None:
+            return self.template.replace("{input}", item.sentence)
         # Byte for byte the published protocol, including the space before the newline after
         # the options; the instruction already ends with "\n".
         head = f"Task:{self.group}\nDataset:{self.name}\n"
@@ -193,11 +201,7 @@ class Benchmark:
                 or len(set(labels)) != len(labels)):
             raise UserError(f"{labels_path}: expected a non-empty JSON list of distinct label strings")
         full = {split: _load_split(task_dir / f"{split}.json", labels) for split in SPLITS}
-        test = _sample(full["test"], test_cap, f"{name}:test:{sample_seed}")
-        if dev_cap is None:
-            dev, train = [], _sample(full["train"], train_cap, f"{name}:train:{sample_seed}")
-        else:
-            dev, train = _split_dev(full["train"], full["test"], name, dev_cap, train_cap, sample_seed)
+        train, test, dev = sample_splits(name, full["train"], full["test"], train_cap, test_cap, sample_seed, dev_cap)
         return Task(name=name, group=group, labels=labels, instruction=self._instructions.get(group),
                     train=train, test=test, dev=dev)
 
@@ -222,6 +226,17 @@ def _load_split(path: Path, labels: list[str]) -> list[Item]:
             raise UserError(f"{path}: item {i} has label {raw['label']!r}, not in labels.json {labels}")
         items.append(Item(sentence=raw["sentence"], label=raw["label"]))
     return items
+
+
+def sample_splits(name: str, train: list[Item], test: list[Item], train_cap: int | None, test_cap: int | None,
+                  sample_seed: int, dev_cap: int | None) -> tuple[list[Item], list[Item], list[Item]]:
+    """(train, test, dev) samples of a task's whole splits, as the module docstring describes; every task
+    source (a benchmark directory, a --tasks-file) draws through this, so a cap means the same everywhere."""
+    test_sample = _sample(test, test_cap, f"{name}:test:{sample_seed}")
+    if dev_cap is None:
+        return _sample(train, train_cap, f"{name}:train:{sample_seed}"), test_sample, []
+    dev, train_sample = _split_dev(train, test, name, dev_cap, train_cap, sample_seed)
+    return train_sample, test_sample, dev
 
 
 def _sample(items: list[Item], cap: int | None, key: str) -> list[Item]:

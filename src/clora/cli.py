@@ -18,6 +18,9 @@ _HELP = {
     "data_dir": "benchmark directory in the CL_Benchmark layout (default: the copy shipped with clora)",
     "order": "task order: 1-6 or TC-3 (see `clora tasks`)",
     "tasks": "custom task order, comma-separated (instead of --order) (default: none, --order applies)",
+    "tasks_file": "your own tasks: a YAML/JSON stream file naming each task's data files, in order (instead of "
+                  "--order/--tasks and --data-dir; see README 'Your own tasks')",
+    "max_new_tokens": "most tokens generated for a free-text task of a --tasks-file (its longest answer, up to this)",
     "train_per_task": "cap on training items per task (a seeded random sample) (default: all items)",
     "test_per_task": "cap on test items per task (a seeded random sample) (default: all items)",
     "sample_seed": "seed of the caps' samples",
@@ -87,7 +90,7 @@ _GRID_FIELDS = {"method", "order", "tasks", "seed"}  # `clora compare` takes the
 def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        if f.name in skip:
+        if f.name in skip or f.name == "tasks_digest":  # computed from the data, never given
             continue
         flags = _SHORT.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -216,11 +219,11 @@ def _given(parser: argparse.ArgumentParser, words: list[str]) -> set[str]:
 def _run(args) -> int:
     from .continual import run
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
-    if values["tasks"] is not None and values["order"] == RunConfig.order:
-        values["order"] = None  # --tasks replaces the default order
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name != "tasks_digest"}
+    if (values["tasks"] is not None or values["tasks_file"] is not None) and values["order"] == RunConfig.order:
+        values["order"] = None  # --tasks or --tasks-file replaces the default order
     config = RunConfig(**values)
-    output = args.output or f"runs/{config.method}-{config.order or 'custom'}"
+    output = args.output or f"runs/{config.method}-{config.order or _stream_label(config) or 'custom'}"
     result = run(config, output, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0  # one summary line per run, not one per process
@@ -239,10 +242,15 @@ def _compare(args, argv: list[str] | None) -> int:
     from .continual import run
     from .parallel import run_parallel
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in _GRID_FIELDS}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+              if f.name not in _GRID_FIELDS and f.name != "tasks_digest"}
     base = RunConfig(**values, tasks=None)
     methods = [m for m in args.methods.split(",") if m]
     orders = [o for o in args.orders.split(",") if o]
+    if base.tasks_file is not None:
+        if args.orders != "1":  # the parser's default: --orders was not given
+            raise UserError("give either --tasks-file or --orders, not both: the file sets the task order")
+        orders = [_stream_label(base)]  # one "order": the file's; its runs' folders are named after it
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
@@ -273,6 +281,13 @@ def _compare(args, argv: list[str] | None) -> int:
     if failed:  # the summary holds what finished (failed runs as partial or absent); the error says what did not
         raise UserError(f"{len(failed)} of {len(grid)} runs failed: {'; '.join(failed)}")
     return 0 if rows else 1
+
+
+def _stream_label(config: RunConfig) -> str | None:
+    """What names a --tasks-file's order in folder names and tables: the file's name without suffix."""
+    from pathlib import Path
+
+    return Path(config.tasks_file).stem if config.tasks_file else None
 
 
 def _without_run_control(words: list[str]) -> list[str]:
@@ -333,9 +348,10 @@ def _tune(args, argv: list[str] | None) -> int:
     from . import compare, tune
     from .atomic import write_json_atomic
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in _TUNE_SKIP}
-    if values["tasks"] is not None and values["order"] == RunConfig.order:
-        values["order"] = None  # --tasks replaces the default order
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+              if f.name not in _TUNE_SKIP and f.name != "tasks_digest"}
+    if (values["tasks"] is not None or values["tasks_file"] is not None) and values["order"] == RunConfig.order:
+        values["order"] = None  # --tasks or --tasks-file replaces the default order
     base = RunConfig(**values, eval_split="dev")
     methods = [m for m in args.methods.split(",") if m]
     if not methods or len(set(methods)) != len(methods):
@@ -343,7 +359,7 @@ def _tune(args, argv: list[str] | None) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
     per_method = _per_method(args.per_method, methods, None)
-    label = base.order if base.order is not None else base.tasks.replace(",", "+")
+    label = base.order if base.order is not None else _stream_label(base) or base.tasks.replace(",", "+")
     configs = {m: dataclasses.replace(config, order=base.order, tasks=base.tasks)
                for m, _, _, config in compare.expand(base, methods, [label], [base.seed], per_method)}
     output = Path(args.output)

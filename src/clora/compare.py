@@ -66,8 +66,9 @@ def expand(base: RunConfig, methods: list[str], orders: list[str], seeds: list[i
             for seed in seeds:
                 # "a+b+c" is a custom order, so a comparison can run on one's own tasks too.
                 tasks = order.replace("+", ",") if "+" in order else None
+                # With a --tasks-file the file is the order; `order` only labels its runs.
                 grid.append((label, order, seed, dataclasses.replace(
-                    base, method=method, order=None if tasks else order, tasks=tasks, seed=seed,
+                    base, method=method, order=None if tasks or base.tasks_file else order, tasks=tasks, seed=seed,
                     method_options=options, **overrides)))
     return grid
 

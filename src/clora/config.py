@@ -18,6 +18,9 @@ class RunConfig:
     data_dir: str | None = None  # None: the benchmark shipped with clora
     order: str | None = "1"
     tasks: str | None = None  # custom order "a,b,c" (instead of order)
+    tasks_file: str | None = None  # a task stream file (clora.streams), instead of order/tasks and data_dir
+    max_new_tokens: int = 64  # cap on the tokens generated for a free-text task of a tasks_file
+    tasks_digest: dict[str, str] | None = None  # set by `prepare` from the contents of tasks_file and its data
     train_per_task: int | None = None
     test_per_task: int | None = None
     sample_seed: int = 0  # which items a cap keeps
@@ -45,12 +48,18 @@ class RunConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the stage, or skips the batch
 
     RUN_CONTROL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "on_nonfinite"})
+    # Left out of to_dict() without a tasks_file, so a benchmark run's config.json stays what it always was.
+    STREAM_FIELDS: ClassVar[tuple[str, ...]] = ("tasks_file", "max_new_tokens", "tasks_digest")
     # What a config.json written before an option existed was run with, where that is not the option's
     # default today (runs before length grouping shuffled their batches at random).
     PREDATED: ClassVar[dict] = {"batching": "random"}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.tasks_file is None:
+            for name in self.STREAM_FIELDS:
+                del values[name]
+        return values
 
     def validate(self) -> None:
         positive = {"--train-per-task": self.train_per_task, "--test-per-task": self.test_per_task,
@@ -67,7 +76,14 @@ class RunConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if (self.order is None) == (self.tasks is None):
+        if self.tasks_file is not None:
+            if self.order is not None or self.tasks is not None:
+                raise UserError("give either --tasks-file or --order/--tasks, not both: the file sets the task order")
+            if self.data_dir is not None:
+                raise UserError("--data-dir does not apply with --tasks-file: the file names each task's data")
+            if self.max_new_tokens <= 0:
+                raise UserError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens}")
+        elif (self.order is None) == (self.tasks is None):
             raise UserError("give exactly one of --order and --tasks")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")

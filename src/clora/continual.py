@@ -26,6 +26,7 @@ from .evaluation import TaskScore, evaluate_task
 from .methods import Method, Settings, Stage, StageData, build_method
 from .models import load_model
 from .rundir import RunDir, unlock
+from .streams import digest as stream_digest, load_stream
 from .trainer import TrainOptions, train_stage
 
 
@@ -42,10 +43,19 @@ class Prepared:
 
 def prepare(config: RunConfig) -> Prepared:
     config.validate()
-    bench = Benchmark(config.data_dir or default_benchmark_dir())
-    order_label, task_names = resolve_tasks(config.order, config.tasks, bench)
-    tasks = {n: bench.load_task(n, config.train_per_task, config.test_per_task, config.sample_seed,
-                                dev_cap=config.dev_per_task) for n in task_names}
+    if config.tasks_file is not None:
+        # Read and checked here, before any folder exists; the digest goes into config.json, so a resume
+        # over changed data is refused like one with changed options.
+        stream = load_stream(config.tasks_file, config.train_per_task, config.test_per_task, config.sample_seed,
+                             config.dev_per_task, config.max_new_tokens)
+        config = dataclasses.replace(config, tasks_digest=stream_digest(config.tasks_file))
+        order_label, task_names = f"file {Path(config.tasks_file).name}", [t.name for t in stream]
+        tasks = {t.name: t for t in stream}
+    else:
+        bench = Benchmark(config.data_dir or default_benchmark_dir())
+        order_label, task_names = resolve_tasks(config.order, config.tasks, bench)
+        tasks = {n: bench.load_task(n, config.train_per_task, config.test_per_task, config.sample_seed,
+                                    dev_cap=config.dev_per_task) for n in task_names}
     if config.eval_split == "dev":
         # A tuning trial: its matrix is over dev items, and the test items are dropped here so that
         # nothing downstream (evaluation, zero-shot row, reports) can read one.
@@ -149,6 +159,9 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
                   "accuracy": {n: s.accuracy for n, s in scores.items()},
                   "rouge1": {n: s.rouge1 for n, s in scores.items()},
                   "seconds": round(time.time() - started, 1)}
+        if cfg.tasks_file is not None:  # accuracy holds each task's own metric; both metrics stay on record
+            record["exact_match"] = {n: s.exact_match for n, s in scores.items()}
+            record["rouge_l"] = {n: s.rouge_l for n, s in scores.items()}
         if main:
             rundir.commit_stage(stage.index, stage.name, lambda d: _write_stage(d, method, model, scores), record)
             if writer:
@@ -278,9 +291,21 @@ def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: 
                      "files), not on the test items: a tuning run, not a result to report.")
     elif cfg.dev_per_task:
         notes.append(f"{cfg.dev_per_task} items per task are held out of training as the dev split.")
+    stream = {}
+    if cfg.tasks_file is not None:
+        metric_of = {n: p.tasks[n].metric for n in names}
+        notes.append("Tasks from " + f"`{cfg.tasks_file}`" + ": the matrix holds each task's own metric, exact match for "
+                     "labelled tasks and ROUGE-L F for free-text ones (" + ", ".join(f"{n}: {m}" for n, m in metric_of.items())
+                     + "); metrics.json has both for every task (`exact_match`, `rouge_l`, last row and matrix).")
+        stream = {"task_metrics": metric_of,
+                  "exact_match": {n: last["exact_match"].get(n) for n in names},
+                  "rouge_l": {n: last["rouge_l"].get(n) for n in names},
+                  "exact_match_matrix": [[r["exact_match"].get(n) for n in names] for r in records],
+                  "rouge_l_matrix": [[r["rouge_l"].get(n) for n in names] for r in records]}
     extra = {"status": status, "method": cfg.method, "order": p.order_label, "stage_names": [r["stage"] for r in records],
              "trainable_parameters": [r["trainable_parameters"] for r in records],
-             "seconds": sum(r["seconds"] for r in records), "keeps_old_data": p.method.keeps_old_data, "notes": notes}
+             "seconds": sum(r["seconds"] for r in records), "keeps_old_data": p.method.keeps_old_data, "notes": notes,
+             **stream}
     title = f"clora {cfg.method} on order {p.order_label}" + ("" if final else " (PARTIAL)")
     faults.point("results_write")
     report.write_results(rundir.path, names, R, Z, extra, rouge, title)

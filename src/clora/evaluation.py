@@ -1,7 +1,8 @@
-"""Batched greedy generation and exact-match scoring of one task's test split.
+"""Batched greedy generation and exact-match (or, for a free-text task, ROUGE-L) scoring of one task's
+test split.
 
 Prompts are sorted by length before batching so batches carry little padding; generation stops at
-EOS or after the longest label's token count. Under several processes the items are sharded and the
+EOS or after the longest label's token count (a free-text task: its longest reference answer's, capped). Under several processes the items are sharded and the
 predictions gathered, so every rank returns the same result.
 
 Every prompt of a task begins with the same header, instruction and options (most of a prompt's
@@ -27,13 +28,16 @@ from . import faults
 from .encoding import Encoder
 
 _ROUGE = rouge_scorer.RougeScorer(["rouge1"])
+_ROUGE_L = rouge_scorer.RougeScorer(["rougeL"])
 
 
 @dataclass
 class TaskScore:
-    accuracy: float  # exact match, percent
+    accuracy: float  # the task's metric (Task.metric), percent: exact match, or ROUGE-L F for free-text tasks
     rouge1: float  # mean ROUGE-1 F, percent
     predictions: list[dict] = field(repr=False)
+    exact_match: float = 0.0  # percent, whatever the task's metric
+    rouge_l: float = 0.0  # mean ROUGE-L F, percent
 
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a cached prefix saves less than its copies cost
@@ -107,17 +111,30 @@ def evaluate_task(model, encoder: Encoder, task: Task, accelerator: Accelerator,
         prompts = [encoder.prompt_ids(task.prompt(items[i])) for i in mine]
         bar = tqdm(total=len(mine), desc=description or f"eval {task.name}", unit="item", leave=False,
                    disable=not accelerator.is_local_main_process)
-        texts = generate(model, encoder, prompts, encoder.max_new_tokens(task.labels), batch_size, bar)
+        texts = generate(model, encoder, prompts, _max_new_tokens(encoder, task), batch_size, bar)
         bar.close()
         local = list(zip(mine, texts))
     if accelerator.num_processes > 1:
         local = gather_object(local)
     by_index = dict(local)
-    predictions = []
+    predictions, rouge_l = [], []
     for i, item in enumerate(items):
         pred = by_index[i]
         predictions.append({"index": i, "label": item.label, "prediction": pred,
                             "correct": exact_match(pred, item.label)})
-    accuracy = 100.0 * sum(p["correct"] for p in predictions) / len(predictions)
+        rouge_l.append(100.0 * _ROUGE_L.score(item.label, pred)["rougeL"].fmeasure)
+        if task.metric == "rouge_l":  # benchmark tasks keep the prediction records they always had
+            predictions[-1]["rouge_l"] = rouge_l[-1]
+    em = 100.0 * sum(p["correct"] for p in predictions) / len(predictions)
+    mean_rouge_l = sum(rouge_l) / len(rouge_l)
     rouge = 100.0 * sum(_ROUGE.score(p["label"], p["prediction"])["rouge1"].fmeasure for p in predictions) / len(predictions)
-    return TaskScore(accuracy, rouge, predictions)
+    return TaskScore(mean_rouge_l if task.metric == "rouge_l" else em, rouge, predictions, em, mean_rouge_l)
+
+
+def _max_new_tokens(encoder: Encoder, task: Task) -> int:
+    """A label set bounds the answer; a free-text task's bound is its longest reference answer, capped
+    (--max-new-tokens) so that one long reference cannot make every item generate that long."""
+    if task.labels:
+        return encoder.max_new_tokens(task.labels)
+    longest = encoder.max_new_tokens([item.label for item in task.test])
+    return min(longest, task.max_new_tokens) if task.max_new_tokens else longest

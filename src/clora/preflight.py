@@ -38,7 +38,8 @@ def check_grid(grid, output: Path) -> None:
     for method, order, seed, config in grid:
         prepared = prepare(config)  # options, data, method options
         run_dir = run_dir_of(output, method, order, seed)
-        RunDir.check(run_dir, config.to_dict(), (run_dir / "config.json").is_file(), False, *folder_rules())
+        # The prepared config: it carries the digest of a --tasks-file's data, which a resume must match.
+        RunDir.check(run_dir, prepared.config.to_dict(), (run_dir / "config.json").is_file(), False, *folder_rules())
         key = (config.model, config.method, tuple(config.method_options), tuple(config.target_modules or ()))
         if key not in checked:
             check_model(config.model, prepared.method)
