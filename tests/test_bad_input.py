@@ -185,6 +185,7 @@ CASES = [
     ("stream-answer-not-in-labels", STREAM, ["a.jsonl", "line 1", "'no'", "labels"], _stream_answer_not_in_labels),
     ("stream-malformed-yaml", STREAM, ["stream.yaml", "malformed YAML", "line"], _stream_malformed_yaml),
     ("stream-and-order", STREAM + " --order 2", ["--tasks-file", "--order"], _stream),
+    ("stream-and-order-1", STREAM + " --order 1", ["--tasks-file", "--order"], _stream),  # 1 is also the default
     ("stream-and-tasks", STREAM + " --tasks alpha,beta", ["--tasks-file", "--tasks"], _stream),
     ("stream-and-data-dir", STREAM + " --data-dir {bench}", ["--data-dir", "--tasks-file"], _stream),
     ("stream-max-new-tokens-zero", STREAM + " --max-new-tokens 0", ["--max-new-tokens"], _stream),

@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         if args.command == "run":
+            _refuse_two_task_sources(run_parser, words[1:])
             _apply_config_file(args, run_parser, words[1:])
             return _run(args)
         if args.command == "compare":
@@ -200,6 +201,14 @@ def _apply_config_file(args, parser: argparse.ArgumentParser, words: list[str]) 
         for key in _ORDER_KEYS:
             if key not in given and hasattr(args, key):
                 setattr(args, key, parser.get_default(key))
+
+
+def _refuse_two_task_sources(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """`--order 1` is also the default, so only the words typed tell `--order 1 --tasks-file F` (refused)
+    from `--tasks-file F`."""
+    given = _given(parser, words) & {"order", "tasks", "tasks_file"}
+    if "tasks_file" in given and len(given) > 1:
+        raise UserError("give either --tasks-file or --order/--tasks, not both: the file sets the task order")
 
 
 def _given(parser: argparse.ArgumentParser, words: list[str]) -> set[str]:
