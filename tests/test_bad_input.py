@@ -166,6 +166,7 @@ CASES = [
     ("config-wrong-type", RUN + " --config {tmp}/run.yaml", ["run.yaml", "rank", "integer", "'four'"],
      _config_file("rank: four\n")),
     ("config-bad-value", RUN + " --config {tmp}/run.yaml", ["--rank must be a positive integer"], _config_file("rank: 0\n")),
+    ("report-to-unknown-tracker", RUN + " --report-to tensorboard,comet", ["--report-to", "'comet'", "mlflow"], None),
     ("resume-and-overwrite", RUN + " --resume --overwrite", ["--overwrite", "--resume"], None),
     # data
     ("data-dir-missing", RUN + " --data-dir {tmp}/nowhere", ["nowhere"], None),

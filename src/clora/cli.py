@@ -45,6 +45,7 @@ _HELP = {
     "zero_shot": "evaluate the untouched base model first (the zero-shot row, gives FWT)",
     "checkpoint_every": "write a step checkpoint every N optimizer steps (and after a stage's last step); 0: none",
     "on_nonfinite": "a NaN/inf loss or gradient: stop the stage (keeping the last checkpoint) or skip the batch",
+    "report_to": "experiment trackers, comma-separated: tensorboard (the run folder's tb/), mlflow, wandb; or none",
 }
 _SHORT = {"method_options": ["-o", "--method-option"]}
 

@@ -46,8 +46,9 @@ class RunConfig:
     # Run control: how the run is carried out, not what it computes; a resume may change them.
     checkpoint_every: int = 50  # optimizer steps between step checkpoints inside a stage; 0: none
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the stage, or skips the batch
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, mlflow, wandb; or none
 
-    RUN_CONTROL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "on_nonfinite"})
+    RUN_CONTROL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "on_nonfinite", "report_to"})
     # Left out of to_dict() without a tasks_file, so a benchmark run's config.json stays what it always was.
     STREAM_FIELDS: ClassVar[tuple[str, ...]] = ("tasks_file", "max_new_tokens", "tasks_digest")
     # What a config.json written before an option existed was run with, where that is not the option's
@@ -87,6 +88,9 @@ class RunConfig:
             raise UserError("give exactly one of --order and --tasks")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        from .tracking import names
+
+        names(self.report_to)  # an unknown or uninstalled tracker, before anything is written
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.batching not in ("length", "random"):

@@ -66,6 +66,10 @@ def _typed(key: str, value, path: Path):
         if type(None) in args:
             return None
         raise UserError(f"{where} cannot be null")
+    if dict in {typing.get_origin(a) for a in args} | {typing.get_origin(hint)}:
+        if isinstance(value, dict):
+            return value
+        raise UserError(f"{where} must be a mapping, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value

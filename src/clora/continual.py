@@ -13,9 +13,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
-from . import faults, preflight, report
+from . import faults, preflight, report, tracking
 from .atomic import write_json_atomic
 from .batching import TrainingBatches
 from .benchmark import Benchmark, Item, Task, default_benchmark_dir, epochs_for, resolve_tasks
@@ -71,9 +70,12 @@ def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: 
         accelerator: Accelerator | None = None, shared_zero_shot: Path | None = None) -> dict:
     """Run a method over a task order; returns the contents of metrics.json. `shared_zero_shot`: a
     file holding the zero-shot row of the same model, tasks and caps (reused, or written once)."""
+    config.validate()  # before an accelerator is made of its options
+    accelerator = accelerator or make_accelerator(config, output)
     try:
         return _run(config, output, resume, overwrite, accelerator, shared_zero_shot)
     finally:
+        tracking.finish(accelerator)
         unlock(output)  # the output folder is this process's while it runs (see RunDir.open)
 
 
@@ -115,8 +117,8 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
         return json.loads((rundir.path / "metrics.json").read_text())
 
     encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-    writer = SummaryWriter(str(rundir.path / "tb")) if main else None
-    log_scalar = writer.add_scalar if writer else None
+    tracking.start(accelerator, cfg.to_dict(), rundir.path)
+    log_scalar = tracking.scalar_logger(accelerator)
 
     zero_shot = _zero_shot(cfg, p, model, encoder, accelerator, rundir, shared_zero_shot) if cfg.zero_shot else None
     if records:
@@ -164,9 +166,7 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
             record["rouge_l"] = {n: s.rouge_l for n, s in scores.items()}
         if main:
             rundir.commit_stage(stage.index, stage.name, lambda d: _write_stage(d, method, model, scores), record)
-            if writer:
-                for n, s in scores.items():
-                    writer.add_scalar(f"accuracy/{n}", s.accuracy, stage.index + 1)
+            tracking.log_accuracy(accelerator, {n: s.accuracy for n, s in scores.items()}, stage.index + 1)
             rundir.drop_in_progress(stage.index, stage.name)
         accelerator.wait_for_everyone()
         records.append(record)
@@ -178,8 +178,6 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
     if main and records and not written:  # a kill between the last commit and its results must not leave them stale
         _write_results(rundir, p, records, zero_shot, final=len(records) == len(p.stages))
     accelerator.wait_for_everyone()
-    if writer:
-        writer.close()
     result = json.loads((rundir.path / "metrics.json").read_text())
     return result
 
@@ -194,13 +192,14 @@ def _space_needed(trainable: int) -> int:
     return 16 * trainable + (64 << 20)
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
+def make_accelerator(cfg: RunConfig, run_dir: str | Path | None = None) -> Accelerator:
     # cpu=True when there is no GPU: only then does Accelerate form a multi-process CPU (gloo) group.
     # split_batches: --batch-size is the global batch, cut into equal slices per process, so the same
     # command gives the same optimisation on one process or eight.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision,
                        gradient_accumulation_steps=cfg.grad_accum,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+                       dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       log_with=tracking.log_with(cfg.report_to, run_dir) if run_dir is not None else None)
 
 
 def check_distributed(method: Method, accelerator: Accelerator) -> None:
