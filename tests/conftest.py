@@ -150,3 +150,33 @@ def assert_same_run_folders(got: Path, expected: Path) -> None:
     assert sorted(a) == sorted(b)
     for name in b:
         assert a[name] == b[name], name
+
+
+def method_stages(model_path: str | None, bench: Path, method: str, options: list[str], tasks: str = "alpha,beta",
+                  seed: int | None = None):
+    """The method, the attached model (None without a model path) and one StageData per stage, built
+    as the continual loop builds them (loaders unshuffled); `seed`: torch's seed before attaching."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from clora import continual
+    from clora.encoding import Encoder
+    from clora.methods import StageData
+    from clora.models import load_model
+
+    p = continual.prepare(tiny_config(model_path or "unused", bench, method, method_options=options, tasks=tasks))
+    encoder = model = None
+    if model_path:
+        loaded = load_model(model_path)
+        encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, p.config.max_prompt_tokens)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = p.method.attach(loaded.model)
+
+    def make_loader(items):
+        examples = [encoder.example(p.tasks[n].prompt(item), item.label) for n, item in items]
+        return DataLoader(examples, batch_size=4, collate_fn=encoder.collate_train)
+
+    data = [StageData(s, p.tasks, [(n, it) for n in s.tasks for it in p.tasks[n].train], encoder,
+                    Accelerator(cpu=True), make_loader) for s in p.stages]
+    return p.method, model, data

@@ -11,18 +11,17 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel, get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader
 
 import clora
-from clora import continual, lora
+from clora import lora
 from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.evaluation import evaluate_task
-from clora.methods import Settings, StageData, build_method
+from clora.methods import Settings, build_method
 from clora.methods.ewc import estimate_fisher, ewc_penalty
 from clora.methods.o_lora import o_lora_penalty
 from clora.models import load_model
-from conftest import run_killed_in_second_stage, tiny_config
+from conftest import method_stages, run_killed_in_second_stage, tiny_config
 
 
 # -- O-LoRA ------------------------------------------------------------------------------------
@@ -123,28 +122,9 @@ def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama,
 # -- EWC ---------------------------------------------------------------------------------------
 
 
-def _stages(model_path: str | None, bench: Path, method: str, options: list[str], tasks: str = "alpha,beta"):
-    """The method, the attached model (None without a model path) and one StageData per stage, built
-    as the continual loop builds them (loaders unshuffled)."""
-    p = continual.prepare(tiny_config(model_path or "unused", bench, method, method_options=options, tasks=tasks))
-    encoder = model = None
-    if model_path:
-        loaded = load_model(model_path)
-        encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, p.config.max_prompt_tokens)
-        model = p.method.attach(loaded.model)
-
-    def make_loader(items):
-        examples = [encoder.example(p.tasks[n].prompt(item), item.label) for n, item in items]
-        return DataLoader(examples, batch_size=4, collate_fn=encoder.collate_train)
-
-    data = [StageData(s, p.tasks, [(n, it) for n in s.tasks for it in p.tasks[n].train], encoder,
-                      Accelerator(cpu=True), make_loader) for s in p.stages]
-    return p.method, model, data
-
-
 @pytest.mark.parametrize("model_name", ["llama", "t5"])
 def test_ewc_penalty_is_zero_at_theta_star_and_quadratic(model_name, tiny_llama, tiny_t5, tiny_bench):
-    method, model, data = _stages({"llama": tiny_llama, "t5": tiny_t5}[model_name], tiny_bench, "ewc",
+    method, model, data = method_stages({"llama": tiny_llama, "t5": tiny_t5}[model_name], tiny_bench, "ewc",
                                   ["fisher_samples=6", "lam=10"])
     torch.manual_seed(0)
     params = [p for p in lora.adapter_parameters(model)]
@@ -181,7 +161,7 @@ def test_ewc_penalty_is_zero_at_theta_star_and_quadratic(model_name, tiny_llama,
 
 
 def test_ewc_fisher_is_the_mean_of_per_item_squared_gradients(tiny_llama, tiny_bench):
-    method, model, data = _stages(tiny_llama, tiny_bench, "ewc", [])
+    method, model, data = method_stages(tiny_llama, tiny_bench, "ewc", [])
     torch.manual_seed(0)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
@@ -211,7 +191,7 @@ def test_ewc_penalty_function_by_hand():
 
 
 def test_replay_buffer_holds_k_items_per_earlier_task_and_none_of_the_current(tiny_bench3):
-    method, _, data = _stages(None, tiny_bench3, "replay", ["per_task=5"], tasks="alpha,beta,gamma")
+    method, _, data = method_stages(None, tiny_bench3, "replay", ["per_task=5"], tasks="alpha,beta,gamma")
     assert method.keeps_old_data
     assert method.training_items(data[0]) == data[0].train_items
     for index, stage_data in enumerate(data):

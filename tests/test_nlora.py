@@ -4,23 +4,21 @@ stay frozen, and the saved adapter reloads with plain PEFT to the same predictio
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
-from torch.utils.data import DataLoader
 
 import clora
-from clora import continual, lora
+from clora import lora
 from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.evaluation import evaluate_task
 from clora.methods import Settings, StageData, build_method
 from clora.methods.n_lora import l1_of_product, update_l1
 from clora.models import load_model
-from conftest import tiny_config
+from conftest import method_stages, tiny_config
 
 pytestmark = pytest.mark.usefixtures("without_plots")
 
@@ -40,22 +38,6 @@ def test_blocked_l1_and_its_gradient_equal_the_direct_computation(block_rows):
     assert torch.allclose(grads[0], b.grad, atol=1e-10) and torch.allclose(grads[1], a.grad, atol=1e-10)
     assert torch.autograd.gradcheck(lambda x, y: l1_of_product(x, y, block_rows), (b.detach().requires_grad_(),
                                                                                     a.detach().requires_grad_()))
-
-
-def _stages(model_path: str, bench: Path, options: list[str]):
-    p = continual.prepare(tiny_config(model_path, bench, "n-lora", method_options=options))
-    loaded = load_model(model_path)
-    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, p.config.max_prompt_tokens)
-    torch.manual_seed(0)
-    model = p.method.attach(loaded.model)
-
-    def make_loader(items):
-        examples = [encoder.example(p.tasks[n].prompt(item), item.label) for n, item in items]
-        return DataLoader(examples, batch_size=4, collate_fn=encoder.collate_train)
-
-    data = [StageData(s, p.tasks, [(n, it) for n in s.tasks for it in p.tasks[n].train], encoder,
-                      Accelerator(cpu=True), make_loader) for s in p.stages]
-    return p.method, model, data
 
 
 def _train_stage(method, model, data: StageData, steps: int) -> None:
@@ -85,7 +67,7 @@ def test_l1_penalty_makes_the_new_update_sparser_than_without_it(tiny_llama, tin
     scale-free sense too (a lower ||dW||_1 / ||dW||_2), not only shrunk."""
     l1, ratio = {}, {}
     for lam in (0.0, 0.05):
-        method, model, data = _stages(tiny_llama, tiny_bench, [f"lambda1={lam}"])
+        method, model, data = method_stages(tiny_llama, tiny_bench, "n-lora", [f"lambda1={lam}"], seed=0)
         _train_stage(method, model, data[0], steps=3)
         method.on_task_end(model, data[0], None)
         torch.manual_seed(1)
@@ -98,7 +80,7 @@ def test_l1_penalty_makes_the_new_update_sparser_than_without_it(tiny_llama, tin
 
 
 def test_penalty_is_lambda_times_the_l1_of_the_scaled_update_and_old_loras_stay_frozen(tiny_llama, tiny_bench):
-    method, model, data = _stages(tiny_llama, tiny_bench, ["lambda1=0.05"])
+    method, model, data = method_stages(tiny_llama, tiny_bench, "n-lora", ["lambda1=0.05"], seed=0)
     _train_stage(method, model, data[0], steps=2)
     method.on_task_end(model, data[0], None)
     old = {name: [t.detach().clone() for t in lora.factors(layer)] for name, layer in lora.lora_layers(model).items()}
@@ -117,7 +99,7 @@ def test_penalty_is_lambda_times_the_l1_of_the_scaled_update_and_old_loras_stay_
 
 
 def test_orthogonality_term_is_added_only_when_asked(tiny_llama, tiny_bench):
-    method, model, data = _stages(tiny_llama, tiny_bench, ["lambda1=0", "lambda_orth=0.5"])
+    method, model, data = method_stages(tiny_llama, tiny_bench, "n-lora", ["lambda1=0", "lambda_orth=0.5"], seed=0)
     _train_stage(method, model, data[0], steps=1)
     method.on_task_end(model, data[0], None)
     method.on_task_start(model, data[1])

@@ -11,7 +11,6 @@ import torch
 from accelerate import Accelerator
 from peft.tuners.osf.layer import OSFLayer
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 import clora
 from clora import continual, lora
@@ -21,26 +20,11 @@ from clora.evaluation import evaluate_task
 from clora.full_weights import DELTAS_FILE, load_stage_model
 from clora.methods import StageData, osf
 from clora.models import load_model
-from conftest import tiny_config, write_tiny_benchmark
+from conftest import method_stages, tiny_config, write_tiny_benchmark
 
 pytestmark = pytest.mark.usefixtures("without_plots")
 
 OPTIONS = ["full_lr=1e-2"]
-
-
-def _stages(model_path: str, bench: Path, options: list[str]):
-    p = continual.prepare(tiny_config(model_path, bench, "osf", method_options=options))
-    loaded = load_model(model_path)
-    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, p.config.max_prompt_tokens)
-    model = p.method.attach(loaded.model)
-
-    def make_loader(items):
-        examples = [encoder.example(p.tasks[n].prompt(item), item.label) for n, item in items]
-        return DataLoader(examples, batch_size=4, collate_fn=encoder.collate_train)
-
-    data = [StageData(s, p.tasks, [(n, it) for n in s.tasks for it in p.tasks[n].train], encoder,
-                      Accelerator(cpu=True), make_loader) for s in p.stages]
-    return p.method, model, data
 
 
 def _train(method, model, data: StageData, steps: int) -> None:
@@ -74,7 +58,7 @@ def _leak(method, model, data: StageData) -> dict[str, tuple[float, float]]:
 
 @pytest.mark.parametrize("model_name", ["llama", "t5"])
 def test_update_leaves_the_preserved_subspace_of_every_matrix_untouched(model_name, tiny_llama, tiny_t5, tiny_bench):
-    method, model, data = _stages({"llama": tiny_llama, "t5": tiny_t5}[model_name], tiny_bench, OPTIONS)
+    method, model, data = method_stages({"llama": tiny_llama, "t5": tiny_t5}[model_name], tiny_bench, "osf", OPTIONS)
     first = _leak(method, model, data[0])
     second = _leak(method, model, data[1])  # task 2 starts from task 1's merged weights
     # llama: q, k, v, o, gate, up, down in 2 layers; T5: self-attention q, k, v, o and wi, wo in 2 + 2 blocks
@@ -91,7 +75,7 @@ def test_without_the_post_step_projection_adam_leaks_into_the_preserved_subspace
     """PEFT's gradient hooks alone do not keep the update out of the preserved subspace under Adam
     (its per-coordinate scaling of a projected gradient is not projected): the reason for
     `keep_in_complement`. If this fails, the hooks became enough and the projection is redundant."""
-    method, model, data = _stages(tiny_llama, tiny_bench, OPTIONS)
+    method, model, data = method_stages(tiny_llama, tiny_bench, "osf", OPTIONS)
     monkeypatch.setattr(osf, "keep_in_complement", lambda layer, adapter=osf.ADAPTER: None)
     leaks = _leak(method, model, data[0])
     assert max(max(pair) for pair in leaks.values()) > 1e-2
@@ -125,7 +109,7 @@ def test_options_are_checked(tiny_llama, tiny_bench):
     with pytest.raises(clora.errors.UserError, match="preserve"):
         clora.methods.build_method("osf", clora.methods.Settings(), ["preserve=1.0"])
     with pytest.raises(clora.errors.UserError, match="matches no linear layer"):
-        _stages(tiny_llama, tiny_bench, ["target=nothing_like_this$"])
+        method_stages(tiny_llama, tiny_bench, "osf", ["target=nothing_like_this$"])
 
 
 @pytest.fixture(params=["llama", "t5"])
