@@ -107,6 +107,9 @@ def test_exported_model_predicts_what_the_run_did_without_clora_or_peft(run_name
     argv = ["export", str(run), "--to", str(to)] + ([] if stage == 2 else ["--stage", str(stage)])  # default: last
     assert main(argv) == 0, capsys.readouterr().err
     assert not (to / "adapter_config.json").exists()  # a merged model, not an adapter
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (to / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # shareable, not owner-only
     stage_dir = sorted((run / "stages").iterdir())[stage - 1]
     saved = _saved(stage_dir)
     assert len(saved) == stage  # every task seen so far was evaluated

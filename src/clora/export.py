@@ -55,11 +55,21 @@ def export(run: str | Path, to: str | Path, stage: int | None = None, adapter_on
         try:
             _write_adapter(plan, staging) if adapter_only else _write_model(plan, staging)
             (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
+            _readable_as_umask_allows(staging)
             os.replace(staging, plan.to)  # onto an absent or empty folder only (checked)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return plan.to
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    # safetensors weights are written owner-only (0600); a folder made to be shared gets the
+    # permissions any other file the user writes gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def check(run: Path, to: Path, stage: int | None, adapter_only: bool) -> Plan:
