@@ -3,7 +3,8 @@
 
 Same model, items, rank, alpha, target modules, lr (constant, no warm-up), batch, epochs, gradient
 clipping and answer-only loss (prompt positions labelled -100) for both. What differs is each loop's
-own machinery: clora batches items of similar length together (`--batching length`) and computes
+own machinery: clora batches items of similar length together (`--batching length`), runs the
+instruction every item of a batch starts with through the model once (`--share-prefix`) and computes
 logits only at answer positions; the Trainer pads each random batch to its longest item and computes
 the LM head over every position (its defaults, as the reference code runs it). The loops run in
 alternating order (ABBA over `--repeats`); wall time per epoch, tokens/s, peak memory (VmHWM restarted
@@ -49,7 +50,7 @@ LAST = 5  # batches averaged for "final training loss"
 clock = time.perf_counter if torch.cuda.is_available() else time.process_time
 
 
-def clora_loop(args, task, accelerator):
+def clora_loop(args, task, accelerator, share_prefix: bool = True):
     loaded = load_model(args.model)
     encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder)
     torch.manual_seed(args.seed)
@@ -70,7 +71,8 @@ def clora_loop(args, task, accelerator):
 
     reset_peak_rss()
     start = clock()
-    train_stage(model, method, loader, TrainOptions(epochs=args.epochs, max_grad_norm=1.0), accelerator,
+    train_stage(model, method, loader, TrainOptions(epochs=args.epochs, max_grad_norm=1.0, share_prefix=share_prefix),
+                accelerator,
                 "clora", log_scalar)
     seconds = clock() - start
     padding = padding_fraction(lengths, list(TrainingBatches(lengths, args.batch, args.batching,
@@ -137,11 +139,12 @@ def main() -> None:
     encoder = Encoder(load_model(args.model).tokenizer, is_encoder_decoder=False)
     tokens = sum(len(encoder.example(task.prompt(i), i.label).input_ids) for i in task.train) * args.epochs
     loops = {"clora": lambda: clora_loop(args, task, accelerator),
+             "clora --no-share-prefix": lambda: clora_loop(args, task, accelerator, share_prefix=False),
              "Trainer + PEFT": lambda: trainer_loop(args, task, Path("/tmp/clora-bench-trainer"))}
     results: dict[str, list[dict]] = {name: [] for name in loops}
     load_before = os.getloadavg()[0]
     for r in range(args.repeats):
-        for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
+        for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):  # ABBA
             model, encoder, seconds, peak, losses, padding = loops[name]()
             score = evaluate_task(model, encoder, task, accelerator, 16, f"eval {name}")
             results[name].append({"seconds": seconds, "peak": peak, "final": statistics.fmean(losses[-LAST:]),

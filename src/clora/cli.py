@@ -29,6 +29,8 @@ _HELP = {
     "epochs": "epochs per task (MNLI trains twice as many in orders 4-6)",
     "batch_size": "global training batch size (split over the processes)",
     "batching": "training batches of similar-length items (less padding; batch order still shuffled) or random",
+    "share_prefix": "run the instruction every item of a training batch starts with through the model once and "
+                    "continue each item from its KV cache (same loss up to rounding, less compute) (default: on)",
     "grad_accum": "gradient accumulation steps",
     "eval_batch_size": "generation batch size",
     "lr": "learning rate (AdamW, constant)",
@@ -96,7 +98,10 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozen
         flags = _SHORT.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         hint, help_text = hints[f.name], _HELP.get(f.name, " ")
-        if hint is bool:
+        if hint is bool and default:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=True,
+                                help=help_text)
+        elif hint is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
         elif f.name == "method_options":
             parser.add_argument(*flags, dest=f.name, action="append", default=[], metavar="KEY=VALUE", help=help_text)

@@ -29,6 +29,7 @@ class RunConfig:
     epochs: int = 1
     batch_size: int = 8
     batching: Literal["length", "random"] = "length"  # training batches of similar-length items, or random
+    share_prefix: bool = True  # a training batch's shared prompt prefix runs through the model once
     grad_accum: int = 1
     eval_batch_size: int = 16
     lr: float = 1e-3
@@ -52,8 +53,9 @@ class RunConfig:
     # Left out of to_dict() without a tasks_file, so a benchmark run's config.json stays what it always was.
     STREAM_FIELDS: ClassVar[tuple[str, ...]] = ("tasks_file", "max_new_tokens", "tasks_digest")
     # What a config.json written before an option existed was run with, where that is not the option's
-    # default today (runs before length grouping shuffled their batches at random).
-    PREDATED: ClassVar[dict] = {"batching": "random"}
+    # default today (runs before length grouping shuffled their batches at random and computed every row's
+    # prefix itself).
+    PREDATED: ClassVar[dict] = {"batching": "random", "share_prefix": False}
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -147,7 +147,8 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
         options = TrainOptions(
             epochs=epochs_for(stage.tasks[0], p.order_label, cfg.epochs) if len(stage.tasks) == 1 else cfg.epochs,
             max_grad_norm=cfg.max_grad_norm, on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
-            checkpoint_dir=rundir.in_progress(stage.index, stage.name), is_encoder_decoder=loaded.is_encoder_decoder)
+            checkpoint_dir=rundir.in_progress(stage.index, stage.name), is_encoder_decoder=loaded.is_encoder_decoder,
+            share_prefix=cfg.share_prefix)
         log = train_stage(model, method, data.make_loader(method.training_items(data)), options, accelerator,
                           f"[{stage.index + 1}/{len(p.stages)}] train {stage.name}", log_scalar,
                           step_offset=10_000 * stage.index)

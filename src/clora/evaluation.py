@@ -1,9 +1,10 @@
 """Batched greedy generation and exact-match (or, for a free-text task, ROUGE-L) scoring of one task's
 test split.
 
-Prompts are sorted by length before batching so batches carry little padding; generation stops at
-EOS or after the longest label's token count (a free-text task: its longest reference answer's, capped). Under several processes the items are sharded and the
-predictions gathered, so every rank returns the same result.
+Prompts are sorted by length and batched so that no row is more than a quarter padding; generation
+stops at EOS or after the longest label's token count (a free-text task: its longest reference answer's,
+capped). Under several processes the items are sharded and the predictions gathered, so every rank
+returns the same result.
 
 Every prompt of a task begins with the same header, instruction and options (most of a prompt's
 tokens), and generation on a CPU is compute-bound on that prefill. For decoder-only models the KV
@@ -14,7 +15,6 @@ tokens only, which is the same computation as the left-padded prompt (tested: id
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,9 @@ from tqdm.auto import tqdm
 from .benchmark import Task, exact_match
 from . import faults
 from .encoding import Encoder
+from .prefix import MIN_SHARED_PREFIX, cache_argument, prefill, shared_prefix_length
+
+MAX_PADDING = 0.25  # the most of a generation batch's row that may be padding (generation_batches)
 
 _ROUGE = rouge_scorer.RougeScorer(["rouge1"])
 _ROUGE_L = rouge_scorer.RougeScorer(["rougeL"])
@@ -40,31 +43,17 @@ class TaskScore:
     rouge_l: float = 0.0  # mean ROUGE-L F, percent
 
 
-MIN_SHARED_PREFIX = 8  # tokens; below this a cached prefix saves less than its copies cost
-
-
-def shared_prefix_length(prompt_ids: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least one token to feed `generate`."""
-    if not prompt_ids:
-        return 0
-    first, shortest = prompt_ids[0], min(len(p) for p in prompt_ids)
-    n = 0
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompt_ids):
-        n += 1
-    return n
-
-
 @torch.no_grad()
 def generate(model, encoder: Encoder, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-             progress: tqdm | None = None, reuse_prefix: bool = True) -> list[str]:
+             progress: tqdm | None = None, reuse_prefix: bool = True,
+             max_padding: float | None = MAX_PADDING) -> list[str]:
     was_training = model.training
     model.eval()
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     prefix = shared_prefix_length(prompt_ids) if reuse_prefix and not encoder.is_encoder_decoder else 0
-    prefix_cache = _prefill(model, prompt_ids[0][:prefix]) if prefix >= MIN_SHARED_PREFIX else None
+    prefix_cache = prefill(model, prompt_ids[0][:prefix]) if prefix >= MIN_SHARED_PREFIX else None
+    computed = [len(p) - (prefix if prefix_cache is not None else 0) for p in prompt_ids]
     texts: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in generation_batches(computed, batch_size, max_padding):
         if prefix_cache is None:
             batch = encoder.collate_prompts([prompt_ids[i] for i in chunk])
             cache = {}
@@ -75,7 +64,7 @@ def generate(model, encoder: Encoder, prompt_ids: list[list[int]], max_new_token
                      "attention_mask": torch.cat([torch.ones_like(shared), rest["attention_mask"]], 1)}
             copied = copy.deepcopy(prefix_cache)
             copied.batch_repeat_interleave(len(chunk))
-            cache = {_cache_argument(model): copied}
+            cache = {cache_argument(model): copied}
         batch = {k: v.to(model.device) for k, v in batch.items()}
         out = model.generate(**batch, **cache, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              eos_token_id=encoder.eos, pad_token_id=encoder.pad)
@@ -88,19 +77,6 @@ def generate(model, encoder: Encoder, prompt_ids: list[list[int]], max_new_token
         faults.point("eval_batch")
     model.train(was_training)
     return [texts[i] for i in range(len(prompt_ids))]
-
-
-def _cache_argument(model) -> str:
-    # Transformers 5.x renamed `past_key_values` to `cache`; both are supported.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _prefill(model, prefix: list[int]):
-    """The KV cache of one copy of the shared prefix."""
-    ids = torch.tensor([prefix], device=model.device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    return getattr(out, _cache_argument(model))
 
 
 def evaluate_task(model, encoder: Encoder, task: Task, accelerator: Accelerator, batch_size: int,
@@ -129,6 +105,22 @@ def evaluate_task(model, encoder: Encoder, task: Task, accelerator: Accelerator,
     mean_rouge_l = sum(rouge_l) / len(rouge_l)
     rouge = 100.0 * sum(_ROUGE.score(p["label"], p["prediction"])["rouge1"].fmeasure for p in predictions) / len(predictions)
     return TaskScore(mean_rouge_l if task.metric == "rouge_l" else em, rouge, predictions, em, mean_rouge_l)
+
+
+def generation_batches(lengths: list[int], batch_size: int, max_padding: float | None) -> list[list[int]]:
+    """Item indices, longest first, in batches of at most `batch_size`; with `max_padding`, a batch also
+    ends before an item shorter than (1 - max_padding) of its longest, so no row is padded by more than
+    that fraction. On a CPU generation costs about the same per row in any batch, so the padding is what
+    a batch wastes (measured: the per-item loop beat fixed batches of 16 by 15 %)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        current = batches[-1] if batches else None
+        if (current is None or len(current) == batch_size
+                or (max_padding is not None and lengths[i] < (1 - max_padding) * lengths[current[0]])):
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
 
 
 def _max_new_tokens(encoder: Encoder, task: Task) -> int:

@@ -36,6 +36,7 @@ class TrainOptions:
     checkpoint_every: int = 0  # optimizer steps; 0: no step checkpoints
     checkpoint_dir: Path | None = None
     is_encoder_decoder: bool = False
+    share_prefix: bool = True  # the batch's shared prompt prefix through the model once (clora.loss)
 
 
 @dataclass
@@ -79,7 +80,8 @@ def train_stage(model, method: Method, loader, options: TrainOptions, accelerato
                     bar.update(batch_index - bar.n)
                 continue
             with accelerator.accumulate(wrapped):
-                result = answer_loss(wrapped, batch, options.is_encoder_decoder, keep_logits, accelerator)
+                result = answer_loss(wrapped, batch, options.is_encoder_decoder, keep_logits, accelerator,
+                                     options.share_prefix)
                 penalty = method.penalty(model)
                 total = result.loss if penalty is None else result.loss + penalty
                 finite = result.finite and (penalty is None or bool(torch.isfinite(penalty)))
