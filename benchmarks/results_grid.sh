@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 CLORA=${CLORA:-clora}
 how="--jobs ${JOBS:-2}"
 [ "${REPORT_ONLY:-0}" = 1 ] && how="--report-only"
-proxy=(--test-per-task 32 --lr 2e-3 --rank 8 --batching random --page docs/results.md)
+proxy=(--test-per-task 32 --lr 2e-3 --rank 8 --batching random --no-share-prefix --page docs/results.md)
 
 # (0) The comparison a reviewer can accept (issue #15): settings chosen on a dev split with the same
 # budget for every method, then three seeds per order with CIs, paired tests, zero-shot row and FWT.
@@ -78,5 +78,5 @@ ${PYTHON:-python} benchmarks/data_efficiency.py --order 1 results/proxy-data-16 
 
 # (b) The long benchmark (15 tasks), order 4, with smaller caps.
 $CLORA compare --methods seq-lora,o-lora,deal,gorp,mtl --orders 4 --train-per-task 64 --test-per-task 20 \
-  --lr 2e-3 --rank 8 --batching random --page docs/results.md --for deal update_lr=5e-4 --for gorp full_lr=1e-3 \
+  --lr 2e-3 --rank 8 --batching random --no-share-prefix --page docs/results.md --for deal update_lr=5e-4 --for gorp full_lr=1e-3 \
   --output results/proxy-long --section long --title "Long benchmark (15 tasks), order 4" $how
