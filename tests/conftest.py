@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,10 +103,10 @@ def tiny_config(model: str, bench: Path, method: str = "seq-lora", **overrides):
     return RunConfig(**values)
 
 
-def run_killed_in_second_stage(config, output: Path, monkeypatch) -> None:
-    """Run `config` into `output` and interrupt it as it starts training its second stage (what a kill
-    looks like from inside the loop); the real trainer is back in place afterwards."""
-    import clora
+@contextmanager
+def second_stage_killed(monkeypatch):
+    """Inside, a run is interrupted as it starts training its second stage (what a kill looks like from
+    inside the loop); the real trainer is back in place afterwards."""
     from clora import continual
 
     calls = {"n": 0}
@@ -118,9 +119,18 @@ def run_killed_in_second_stage(config, output: Path, monkeypatch) -> None:
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(continual, "train_stage", real_train)
+
+
+def run_killed_in_second_stage(config, output: Path, monkeypatch) -> None:
+    """Run `config` into `output`, interrupted as it starts training its second stage."""
+    import clora
+
+    with second_stage_killed(monkeypatch), pytest.raises(KeyboardInterrupt):
         clora.run(config, output)
-    monkeypatch.setattr(continual, "train_stage", real_train)
 
 
 # What a resumed run may write differently from an uninterrupted one: wall-clock times only.

@@ -13,6 +13,7 @@ from clora import RunConfig, continual
 from clora.benchmark import Benchmark
 from clora.cli import main
 from clora.errors import UserError
+from conftest import second_stage_killed
 
 
 def _bench(root: Path, n_train: int = 24, n_test: int = 8) -> Path:
@@ -104,19 +105,8 @@ def test_a_killed_search_resumes_without_rerunning_or_losing_a_trial(bench, tiny
         return real_evaluate(model, encoder, task, *args, **kwargs)
 
     monkeypatch.setattr(continual, "evaluate_task", recording)
-    # Killed (Ctrl-C) while trial 0 trains its second task.
-    calls = {"n": 0}
-    real_train = continual.train_stage
-
-    def dies_in_second_stage(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(continual, "train_stage", dies_in_second_stage)
-    assert main(_tune_args(bench, tiny_llama, out, 1)) == 130
-    monkeypatch.setattr(continual, "train_stage", real_train)
+    with second_stage_killed(monkeypatch):  # Ctrl-C while trial 0 trains its second task
+        assert main(_tune_args(bench, tiny_llama, out, 1)) == 130
     first = _trials(out, "seq-lora")
     assert [t.state for t in first] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
     assert "error" not in first[0].user_attrs  # an interruption is not a failed setting: it costs no trial
