@@ -13,6 +13,7 @@ import pytest
 from clora import compare, stats
 from clora import metrics as cl_metrics
 from clora.config import RunConfig
+from clora.errors import UserError
 
 TASKS = ["alpha", "beta", "gamma"]
 
@@ -180,3 +181,30 @@ def test_compare_summary_and_page_show_cis_parameters_time_per_run_and_paired_te
     compare.write_page(page, "fake", "Fake", results, compare.write_summary(output, results, "clora compare --methods seq-lora,gorp"),
                        "clora compare ...", output / "summary.png")
     assert page.read_text() == text
+
+
+def test_declared_pairs_are_the_only_ones_tested_and_holm_counts_only_them(tmp_path):
+    runs = {name: [stats.load_run(write_run(tmp_path / name, "1", 0, continual_rows(draws(k, 60, p), draws(k, 60, p))))]
+            for k, (name, p) in enumerate([("seq-lora", 0.4), ("gorp", 0.6), ("galore", 0.55), ("deal", 0.5)])}
+    every = stats.pairwise(runs)
+    declared = stats.pairwise(runs, [("gorp", "seq-lora"), ("gorp", "galore")])
+    assert len(every) == 6 and [(t.first, t.second) for t in declared] == [("gorp", "seq-lora"), ("gorp", "galore")]
+    raw = {(t.first, t.second): t.p for t in every}
+    assert declared[0].p == raw[("seq-lora", "gorp")]  # the same exact test, either way round
+    assert declared[1].p == raw[("gorp", "galore")]
+    # Holm over two pairs adjusts less than over six: the smallest p is multiplied by 2, not 6.
+    smallest = min(declared, key=lambda t: t.p)
+    assert smallest.p_holm == pytest.approx(min(1.0, 2 * smallest.p))
+    assert next(t for t in every if {t.first, t.second} == {smallest.first, smallest.second}).p_holm == \
+        pytest.approx(min(1.0, 6 * smallest.p))
+
+
+def test_pairs_option_expands_stars_in_method_order_and_refuses_unknown_names():
+    methods = ["seq-lora", "gorp", "gorp-no-shared:gorp", "galore"]
+    assert compare.parse_pairs("*/seq-lora, gorp/gorp-no-shared", methods) == [
+        ("gorp", "seq-lora"), ("gorp-no-shared", "seq-lora"), ("galore", "seq-lora"), ("gorp", "gorp-no-shared")]
+    assert compare.parse_pairs("gorp/galore,galore/gorp", methods) == [("gorp", "galore")]  # once
+    for bad, says in [("gorp/ewc", "'ewc', which is not one of --methods"), ("gorp", "FIRST/SECOND"),
+                      ("gorp/gorp", "FIRST/SECOND"), ("*/*", "FIRST/SECOND")]:
+        with pytest.raises(UserError, match=says):
+            compare.parse_pairs(bad, methods)

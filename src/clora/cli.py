@@ -136,6 +136,9 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--settings", metavar="CHOSEN_JSON",
                         help="each method's settings chosen by `clora tune` (its chosen.json), applied like --for; "
                              "an explicit --for wins")
+    parser.add_argument("--pairs", metavar="A/B,...",
+                        help="the pairs of methods to test, declared before the results are seen (Holm corrects over "
+                             "these only); * is every other method, e.g. '*/seq-lora,gorp/galore' (default: every pair)")
     parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process (logs in OUTPUT/logs/); several share a GPU well")
@@ -270,6 +273,7 @@ def _compare(args, argv: list[str] | None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    declared = compare.parse_pairs(args.pairs, methods) if args.pairs is not None else None
     per_method = _per_method(args.per_method, methods, args.settings)
     grid = compare.expand(base, methods, orders, seeds, per_method)
     for _, _, _, config in grid:  # fail on a bad option before hours of work, not in the middle
@@ -287,11 +291,11 @@ def _compare(args, argv: list[str] | None) -> int:
     words = _without_run_control(argv if argv is not None else sys.argv[1:])
     command = "clora " + " ".join(shlex.quote(a) for a in words)
     missing = compare.missing_runs(grid, results)
-    rows = compare.write_summary(output, results, command, missing)
+    rows = compare.write_summary(output, results, command, missing, declared)
     if args.page:
         title = args.title or f"{', '.join(methods)} on order(s) {', '.join(orders)}"
         compare.write_page(Path(args.page), args.section or output.name, title, results, rows, command,
-                           output / "summary.png", missing)
+                           output / "summary.png", missing, declared)
     print((output / "summary.md").read_text())
     if failed:  # the summary holds what finished (failed runs as partial or absent); the error says what did not
         raise UserError(f"{len(failed)} of {len(grid)} runs failed: {'; '.join(failed)}")

@@ -134,8 +134,29 @@ def run_items(results: list[dict]) -> dict[str, list[stats.RunItems | None]]:
     return items
 
 
-def pairwise(results: list[dict]) -> list[stats.PairTest]:
-    return stats.pairwise(run_items(results))
+def parse_pairs(spec: str, methods: list[str]) -> list[tuple[str, str]]:
+    """`--pairs "A/B,*/C"`: the pairs of method labels to test, `*` standing for every other method of
+    the comparison, in the order of --methods."""
+    labels = [parse_method(m)[0] for m in methods]
+    pairs: list[tuple[str, str]] = []
+    for word in (w.strip() for w in spec.split(",") if w.strip()):
+        first, slash, second = word.partition("/")
+        if not slash or not first or not second or first == second or first == second == "*":
+            raise UserError(f"--pairs takes FIRST/SECOND pairs of two different methods (one side may be *), got {word!r}")
+        for name in (first, second):
+            if name != "*" and name not in labels:
+                raise UserError(f"--pairs names {name!r}, which is not one of --methods ({', '.join(labels)})")
+        for x in (labels if first == "*" else [first]):
+            for y in (labels if second == "*" else [second]):
+                if x != y and (x, y) not in pairs and (y, x) not in pairs:
+                    pairs.append((x, y))
+    if not pairs:
+        raise UserError("--pairs names no pair to test")
+    return pairs
+
+
+def pairwise(results: list[dict], declared: list[tuple[str, str]] | None = None) -> list[stats.PairTest]:
+    return stats.pairwise(run_items(results), declared)
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -206,24 +227,28 @@ def pairs_table(pairs: list[stats.PairTest]) -> str:
     return "\n".join(lines)
 
 
-def _stats_note(pairs: list[stats.PairTest]) -> str:
+def _stats_note(pairs: list[stats.PairTest], declared: bool = False) -> str:
     tested = sum(1 for t in pairs if t.p is not None)
+    family = (f"the {tested} pairs declared in the command (--pairs), fixed before the results were seen"
+              if declared else f"the {tested} pairs tested in this table")
     return (f"Means over runs with a {stats.LEVEL:.0%} bootstrap CI in brackets ({stats.RESAMPLES} resamples, "
             "seed 0): the test items of each task are resampled (one draw per task, shared by every stage and "
             "every run of the method, so BWT stays paired) and the seeds within each order (orders are fixed); "
             "with one seed per order the CI covers test-item noise only, not training noise between seeds. "
             "± std where a run's predictions are missing. Trainable parameters: the largest count of any stage "
             "(any run), and its ratio to seq-lora's.\n\n"
-            "Paired tests, on the last accuracy row: for each pair of methods, the complete runs (order, seed) "
+            f"Paired tests, on the last accuracy row: for each {'declared ' if declared else ''}pair of methods, "
+            "the complete runs (order, seed) "
             "both have, pooled over their identical test items; exact McNemar test (two-sided binomial test of the "
             "items only one of the two got right); AA first − second is the macro AA difference averaged over "
-            f"those runs; p adjusted by Holm over the {tested} pairs tested in this table; significant means Holm "
+            f"those runs; p adjusted by Holm over {family}; significant means Holm "
             "p < 0.05 (bold).")
 
 
-def write_summary(output: Path, results: list[dict], command: str, missing: str = "") -> list[dict]:
+def write_summary(output: Path, results: list[dict], command: str, missing: str = "",
+                  declared: list[tuple[str, str]] | None = None) -> list[dict]:
     rows = summarize(results)
-    pairs = pairwise(results)
+    pairs = pairwise(results, declared)
     header = ("| method | runs | trainable params | × seq-lora | AA | BWT | FWT | forgetting | learning acc. "
               "| time / run (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     partial = {r["method"] for r in results if r.get("status", "complete") != "complete"}
@@ -234,7 +259,7 @@ def write_summary(output: Path, results: list[dict], command: str, missing: str 
     orders = sorted({r["order"] for r in results})
     seeds = sorted({r["seed"] for r in results})
     text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; runs = orders × seeds "
-            f"per method. {_stats_note(pairs)}\n\n" + header + body
+            f"per method. {_stats_note(pairs, declared is not None)}\n\n" + header + body
             + (f"\nNot run yet: {missing}.\n" if missing else "")
             + (f"\nPaired tests:\n\n{pairs_table(pairs)}\n" if pairs else "")
             + f"\nMade by:\n\n```\n{command}\n```\n")
@@ -327,7 +352,7 @@ def _by_order_table(results: list[dict]) -> str:
 
 
 def write_page(page: Path, section: str, title: str, results: list[dict], rows: list[dict], command: str,
-               plot: Path, missing: str = "") -> None:
+               plot: Path, missing: str = "", declared: list[tuple[str, str]] | None = None) -> None:
     """A comparison's section of a docs page: settings, the summary table (CIs, parameter counts) with the
     published numbers beside it (labelled as such), the paired tests, every run's last accuracy row, the
     plot, the command."""
@@ -354,12 +379,12 @@ def write_page(page: Path, section: str, title: str, results: list[dict], rows: 
                      + ("" if res["status"] == "complete" else f" ({res['status']})"))
     plot_link = os.path.relpath(plot.resolve(), page.resolve().parent)
     by_order = _by_order_table(results)
-    pairs = pairwise(results)
+    pairs = pairwise(results, declared)
     text = (f"## {title}\n\n{settings}; orders {', '.join(sorted({r['order'] for r in results}))}, seeds "
             f"{', '.join(str(s) for s in sorted({r['seed'] for r in results}))}; runs = orders × seeds per method. "
             "Our numbers are the default model on a 2-core CPU with the "
             "caps above; the published ones are T5-large on the full benchmark, shown for orientation, not as "
-            f"a like-for-like comparison. {_stats_note(pairs)}\n\n" + "\n".join(table)
+            f"a like-for-like comparison. {_stats_note(pairs, declared is not None)}\n\n" + "\n".join(table)
             + (f"\n\n**Not run yet** (rerun the command below to add them): {missing}." if missing else "")
             + (f"\n\nPaired tests:\n\n{pairs_table(pairs)}" if pairs else "")
             + (f"\n\nAA (BWT) per order, mean over seeds: a method's mean above is over the orders it has run, "
