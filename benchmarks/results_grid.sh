@@ -20,6 +20,9 @@ proxy=(--test-per-task 32 --lr 2e-3 --rank 8 --batching random --no-share-prefix
 
 # (0) The comparison a reviewer can accept (issue #15): settings chosen on a dev split with the same
 # budget for every method, then three seeds per order with CIs, paired tests, zero-shot row and FWT.
+# The paired tests are declared here, before any result: every method against SeqLoRA (does it cure
+# forgetting?), GORP against its parameter-matched control GaLore and against itself without the shared
+# gradient space (what the shared space adds), and the continual methods against O-LoRA and each other.
 # Cost on the 2-core CPU, one torch thread per run: a tuning trial (2 tasks, 192 train / 64 dev items)
 # ~8-10 min; a table run (4 tasks, 192 train / 64 test items, every task evaluated after every stage)
 # ~20 min. 64 test items per task: 4 tasks x 64 x 3 orders = 768 paired items per seed, the size SPEC's
@@ -33,7 +36,8 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then  # the search writes its page (docs/tuning
 fi
 table=(--methods "$(IFS=,; echo "${tuned[*]:0:2}"),gorp-no-shared:gorp,$(IFS=,; echo "${tuned[*]:2}")"
        --orders 1,2,3 --train-per-task 192 --dev-per-task 64 --test-per-task 64 --zero-shot --eval-all --rank 8
-       --settings results/tune-proxy/chosen.json --for gorp-no-shared shared_space=false)
+       --settings results/tune-proxy/chosen.json --for gorp-no-shared shared_space=false
+       --pairs "*/seq-lora,gorp/galore,gorp/gorp-no-shared,gorp/o-lora,deal/o-lora,n-lora/o-lora,gorp/deal")
 if [ -f results/tune-proxy/chosen.json ]; then
   # Seed 0 of every method first, so a partial table already has every method on every order.
   [ "${REPORT_ONLY:-0}" = 1 ] || $CLORA compare "${table[@]}" --seeds 0 --output results/proxy-tuned $how
@@ -45,6 +49,7 @@ fi
 if [ -f results/tune-proxy/chosen.json ]; then
   $CLORA compare --methods seq-lora,o-lora,deal,gorp --orders 4 --train-per-task 64 --dev-per-task 64 \
     --test-per-task 20 --rank 8 --settings results/tune-proxy/chosen.json --for gorp preset=long \
+    --pairs "*/seq-lora,gorp/o-lora,deal/o-lora" \
     --output results/proxy-long-tuned --page docs/results.md --section long-tuned \
     --title "Long benchmark (15 tasks), order 4, settings tuned on the dev split, GORP's long settings" $how
 fi
