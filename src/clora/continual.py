@@ -67,20 +67,22 @@ def prepare(config: RunConfig) -> Prepared:
 
 
 def run(config: RunConfig, output: str | Path, resume: bool = False, overwrite: bool = False,
-        accelerator: Accelerator | None = None, shared_zero_shot: Path | None = None) -> dict:
+        accelerator: Accelerator | None = None, shared_zero_shot: Path | None = None, train=None) -> dict:
     """Run a method over a task order; returns the contents of metrics.json. `shared_zero_shot`: a
-    file holding the zero-shot row of the same model, tasks and caps (reused, or written once)."""
+    file holding the zero-shot row of the same model, tasks and caps (reused, or written once).
+    `train`: trains each stage instead of clora's own loop (clora.integrations: a user's Trainer), called
+    as train(model, method, data, options, accelerator, description, log_scalar, step_offset) -> StageLog."""
     config.validate()  # before an accelerator is made of its options
     accelerator = accelerator or make_accelerator(config, output)
     try:
-        return _run(config, output, resume, overwrite, accelerator, shared_zero_shot)
+        return _run(config, output, resume, overwrite, accelerator, shared_zero_shot, train)
     finally:
         tracking.finish(accelerator)
         unlock(output)  # the output folder is this process's while it runs (see RunDir.open)
 
 
 def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
-         accelerator: Accelerator | None, shared_zero_shot: Path | None) -> dict:
+         accelerator: Accelerator | None, shared_zero_shot: Path | None, train=None) -> dict:
     p = prepare(config)
     cfg, method = p.config, p.method
     accelerator = accelerator or make_accelerator(cfg)
@@ -149,9 +151,12 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
             max_grad_norm=cfg.max_grad_norm, on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
             checkpoint_dir=rundir.in_progress(stage.index, stage.name), is_encoder_decoder=loaded.is_encoder_decoder,
             share_prefix=cfg.share_prefix)
-        log = train_stage(model, method, data.make_loader(method.training_items(data)), options, accelerator,
-                          f"[{stage.index + 1}/{len(p.stages)}] train {stage.name}", log_scalar,
-                          step_offset=10_000 * stage.index)
+        description = f"[{stage.index + 1}/{len(p.stages)}] train {stage.name}"
+        if train is None:
+            log = train_stage(model, method, data.make_loader(method.training_items(data)), options, accelerator,
+                              description, log_scalar, step_offset=10_000 * stage.index)
+        else:
+            log = train(model, method, data, options, accelerator, description, log_scalar, 10_000 * stage.index)
         method.on_task_end(model, data, log.optimizer)
         if accelerator.num_processes > 1:
             _check_ranks_agree(model, method, accelerator, stage.name)
