@@ -27,7 +27,7 @@ proxy=(--test-per-task 32 --lr 2e-3 --rank 8 --batching random --no-share-prefix
 # ~8-10 min; a table run (4 tasks, 192 train / 64 test items, every task evaluated after every stage)
 # ~20 min. 64 test items per task: 4 tasks x 64 x 3 orders = 768 paired items per seed, the size SPEC's
 # power estimate asks for a 5-point AA gap (methods disagree on 20-31 % of items here).
-tuned=(deal gorp galore o-lora seq-lora ewc replay mtl n-lora)
+tuned=(deal gorp galore o-lora seq-lora ewc replay mtl n-lora osf)
 if [ "${REPORT_ONLY:-0}" != 1 ]; then  # the search writes its page (docs/tuning.md) itself
   $CLORA tune --methods "$(IFS=,; echo "${tuned[*]}")" --trials 6 --tasks dbpedia,agnews --train-per-task 192 \
     --dev-per-task 64 --rank 8 --output results/tune-proxy --page docs/tuning.md --section tune-proxy \
@@ -37,7 +37,7 @@ fi
 table=(--methods "$(IFS=,; echo "${tuned[*]:0:2}"),gorp-no-shared:gorp,$(IFS=,; echo "${tuned[*]:2}")"
        --orders 1,2,3 --train-per-task 192 --dev-per-task 64 --test-per-task 64 --zero-shot --eval-all --rank 8
        --settings results/tune-proxy/chosen.json --for gorp-no-shared shared_space=false
-       --pairs "*/seq-lora,gorp/galore,gorp/gorp-no-shared,gorp/o-lora,deal/o-lora,n-lora/o-lora,gorp/deal")
+       --pairs "*/seq-lora,gorp/galore,gorp/gorp-no-shared,gorp/o-lora,deal/o-lora,n-lora/o-lora,osf/o-lora,gorp/deal")
 if [ -f results/tune-proxy/chosen.json ]; then
   # Seed 0 of every method first, so a partial table already has every method on every order.
   [ "${REPORT_ONLY:-0}" = 1 ] || $CLORA compare "${table[@]}" --seeds 0 --output results/proxy-tuned $how

@@ -254,3 +254,17 @@ def test_a_search_whose_worker_was_killed_retries_its_trial_once_the_heartbeat_s
     assert trials[1].params == trials[0].params and trials[1].user_attrs["continues"] == 0
     assert (out / "seq-lora" / "trial-1" / "stages" / "01-alpha" / "stage.json").stat().st_mtime_ns == kept
     capsys.readouterr()
+
+
+def test_every_method_searches_its_learning_rate_and_only_options_it_has():
+    import dataclasses as dc
+
+    from clora.methods import registry
+    from clora.tune import search_space
+
+    run_fields = {f.name for f in dc.fields(RunConfig)}
+    for name, method in registry().items():
+        space = search_space(name)
+        options = {f.name for f in dc.fields(method.Options)}
+        assert set(space) <= run_fields | options, name
+        assert {"lr", "full_lr"} & set(space), f"{name} searches no learning rate"

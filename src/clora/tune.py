@@ -62,6 +62,8 @@ SEARCH_SPACES: dict[str, dict[str, BaseDistribution]] = {
              "lambda1": FloatDistribution(1e-4, 1.0, log=True)},
     "galore": {"full_lr": FULL_LR},  # its LoRA is frozen at zero: the run's lr trains nothing
     "gorp": {"lr": LR, "full_lr": FULL_LR},
+    "n-lora": {"lr": LR, "lambda1": FloatDistribution(1e-6, 1e-2, log=True)},
+    "osf": {"full_lr": FULL_LR, "preserve": FloatDistribution(0.2, 0.9)},  # no LoRA trains: the run's lr is unused
 }
 STARTUP_TRIALS = 5
 HEARTBEAT_S, GRACE_S = 30, 120  # a trial without a heartbeat for GRACE_S seconds is dead (killed worker)
@@ -297,7 +299,9 @@ def run_workers(search: Search, jobs: int) -> list[str]:
         signal.signal(signal.SIGTERM, previous)
         for process, _ in processes:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)  # the worker queues its trial again before it exits
+                # SIGTERM, not SIGINT: a search started in the background of a shell has SIGINT ignored in
+                # every process; the worker takes either as Ctrl-C and queues its trial again before it exits.
+                process.send_signal(signal.SIGTERM)
         for process, _ in processes:
             process.wait()
     return [f"worker {i} (exit {p.returncode}, log {log})" for i, (p, log) in enumerate(processes) if p.returncode]
