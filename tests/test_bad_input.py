@@ -116,6 +116,14 @@ def _disk_full(env):
     env.monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 20))
 
 
+def _without_bitsandbytes(env):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    env.monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args: None if name.split(".")[0] == "bitsandbytes" else real(name, *args))
+
+
 def _config_file(text: str, name: str = "run.yaml"):
     def setup(env):
         (env.bench.parent / name).write_text(text)
@@ -141,6 +149,12 @@ CASES = [
     ("galore-pattern-matches-nothing", RUN + " --method galore -o full_pattern=nomatch", ["full_pattern", "nomatch"], None),
     ("gorp-pattern-not-a-regex", RUN + " --method gorp -o full_pattern=[", ["full_pattern", "regular expression"], None),
     ("gorp-bad-epsilon", RUN + " --method gorp -o epsilon=2", ["epsilon"], None),
+    # a 4-bit base (--load-in-4bit): only for methods that keep the base frozen, and only with bitsandbytes
+    ("4bit-gorp", RUN + " --method gorp --load-in-4bit", ["--load-in-4bit", "gorp", "full-precision", "full-rank"], None),
+    ("4bit-galore", RUN + " --method galore --load-in-4bit", ["--load-in-4bit", "galore", "full-precision"], None),
+    ("4bit-osf", RUN + " --method osf --load-in-4bit", ["--load-in-4bit", "osf", "full-precision", "SVD"], None),
+    ("4bit-without-bitsandbytes", RUN + " --load-in-4bit", ["--load-in-4bit", "bitsandbytes", "pip install 'clora[4bit]'"],
+     _without_bitsandbytes),
     # options
     ("unknown-task-among-good", RUN + " --tasks alpha,nosuch,beta", ["nosuch"], None),
     ("unknown-order", "run " + COMMON.replace("--tasks alpha,beta", "--order 9") + " --model {llama} --output {out}",
@@ -207,6 +221,8 @@ CASES = [
     ("compare-jobs-zero", COMPARE + " --jobs 0", ["--jobs"], None),
     ("compare-seeds-not-integers", COMPARE + " --seeds x", ["--seeds"], None),
     ("compare-for-unknown-method", COMPARE + " --for gorp lr=1", ["--for", "gorp"], None),
+    ("compare-4bit-gorp", COMPARE.replace("seq-lora", "seq-lora,gorp") + " --load-in-4bit",
+     ["--load-in-4bit", "gorp", "full-precision"], None),
 ]
 
 

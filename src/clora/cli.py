@@ -43,6 +43,8 @@ _HELP = {
     "target_modules": "comma-separated LoRA target modules (default: the model's query and value projections)",
     "max_prompt_tokens": "longer prompts lose tokens from the middle of their sentence",
     "precision": "mixed precision: no, bf16 or fp16",
+    "load_in_4bit": "load the base model's linear layers in 4 bits (NF4, bitsandbytes: pip install 'clora[4bit]'), "
+                    "frozen, as QLoRA does; for the methods that train adapters only",
     "eval_all": "evaluate every task after each stage, not only the seen ones (gives FWT)",
     "zero_shot": "evaluate the untouched base model first (the zero-shot row, gives FWT)",
     "checkpoint_every": "write a step checkpoint every N optimizer steps (and after a stage's last step); 0: none",

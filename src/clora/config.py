@@ -42,6 +42,7 @@ class RunConfig:
     max_prompt_tokens: int = 512
     seed: int = 0
     precision: Literal["no", "bf16", "fp16"] = "no"
+    load_in_4bit: bool = False  # the base model's linear layers in 4 bits (NF4, bitsandbytes; QLoRA), frozen
     eval_all: bool = False  # evaluate every task after each stage (needed for FWT), not only seen ones
     zero_shot: bool = False  # evaluate the base model first (the zero-shot row, needed for FWT)
     # Run control: how the run is carried out, not what it computes; a resume may change them.
@@ -103,3 +104,7 @@ class RunConfig:
             raise UserError("--eval-split dev needs a dev split: give --dev-per-task N")
         if self.precision not in ("no", "bf16", "fp16"):
             raise UserError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")
+        if self.load_in_4bit:
+            from .models import require_bitsandbytes
+
+            require_bitsandbytes()

@@ -63,6 +63,10 @@ def prepare(config: RunConfig) -> Prepared:
                         target_modules=config.target_modules, lr=config.lr,
                         weight_decay=config.weight_decay, seed=config.seed)
     method = build_method(config.method, settings, config.method_options)
+    if config.load_in_4bit and method.needs_full_precision_base:
+        raise UserError(f"--load-in-4bit cannot be used with method {config.method}: it needs full-precision base "
+                        f"weights, because {method.needs_full_precision_base}; a 4-bit base is frozen and only "
+                        "adapters train on it (run it without --load-in-4bit)")
     return Prepared(config, order_label, task_names, tasks, method, method.stages(task_names))
 
 
@@ -101,7 +105,7 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
     if not summarise_only:
         preflight.check_model(cfg.model, method)
         set_seed(cfg.seed)
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
         model = preflight.attach(method, loaded.model, cfg.model).to(accelerator.device)
         if main:  # stage 1 as far as it is known before it starts; every stage checks again
             trainable = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
@@ -289,6 +293,9 @@ def _write_results(rundir: RunDir, p: Prepared, records: list[dict], zero_shot: 
              f"order `{p.order_label}`, train/test per task {cfg.train_per_task}/{cfg.test_per_task}, "
              f"lr {cfg.lr}, rank {cfg.rank}, epochs {cfg.epochs}, batch {cfg.batch_size}x{cfg.grad_accum}, seed {cfg.seed}.",
              "Trainable parameters per stage: " + ", ".join(f"{r['stage']} {r['trainable_parameters']:,}" for r in records) + "."]
+    if cfg.load_in_4bit:
+        notes.append("The base model's linear layers were loaded in 4 bits (NF4, double-quantised scales; bitsandbytes) "
+                     "and kept frozen (QLoRA); the adapters trained in full precision.")
     if p.method.keeps_old_data:
         notes.append("This method trains on data of earlier tasks: it is not a data-free continual method.")
     if cfg.eval_split == "dev":

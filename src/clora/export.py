@@ -112,6 +112,10 @@ def check(run: Path, to: Path, stage: int | None, adapter_only: bool) -> Plan:
     if missing:
         raise UserError(f"{missing[0]} is missing: the run keeps no weights for stage {stage} (committed result runs "
                         f"keep none); replay it with `clora run --config {config_file} --output NEW` and export NEW")
+    if config.load_in_4bit and not adapter_only:
+        from .models import require_bitsandbytes
+
+        require_bitsandbytes()  # the run's base is rebuilt in 4 bits, as it was trained, then dequantised
     if to.exists() and not to.is_dir():
         raise UserError(f"--to {to} exists and is not a directory")
     if to.is_dir() and any(to.iterdir()):
@@ -147,8 +151,15 @@ def _write_model(plan: Plan, target: Path) -> None:
     from .full_weights import load_stage_model
     from .models import load_model
 
-    loaded = load_model(plan.config.model)
-    merged = load_stage_model(loaded.model, plan.stage_dir).merge_and_unload()
+    loaded = load_model(plan.config.model, load_in_4bit=plan.config.load_in_4bit)
+    base = loaded.model
+    if plan.config.load_in_4bit:
+        # The model the run evaluated is the 4-bit (NF4) base, dequantised in every matrix product, plus the
+        # adapter. Its weights, dequantised once, are what the folder holds (in the base's dtype, fp32), so
+        # it loads without bitsandbytes and predicts what the run did; merging into a re-quantised 4-bit
+        # base would round W + BA to NF4 again, and the original full-precision base is not what trained.
+        base = base.dequantize()
+    merged = load_stage_model(base, plan.stage_dir).merge_and_unload()
     # The generation settings the run evaluated with, so that a plain `generate` stops and pads alike.
     merged.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
     merged.generation_config.eos_token_id = loaded.tokenizer.eos_token_id
@@ -196,10 +207,16 @@ def model_card(plan: Plan) -> str:
     if plan.adapter_only:
         what = ("the stage's plain PEFT LoRA adapter: `PeftModel.from_pretrained(base_model, this folder)` "
                 f"with the base model `{cfg.model}`")
+        if cfg.load_in_4bit:
+            what += (", which the run loaded in 4 bits: `clora.models.load_model(base, load_in_4bit=True)` loads it as "
+                     "the run had it (NF4 with double-quantised scales, bitsandbytes, the layers computing in fp32)")
         library = "peft"
     else:
         deltas = " and full-weight deltas" if plan.full_weights else ""
-        what = (f"the base model `{cfg.model}` with the stage's LoRA adapter{deltas} merged in: "
+        base = (f"the base model `{cfg.model}` as the run trained on it, loaded in 4 bits (NF4) and dequantised "
+                "(its linear layers hold the NF4-rounded weights, in fp32, not the original ones)"
+                if cfg.load_in_4bit else f"the base model `{cfg.model}`")
+        what = (f"{base} with the stage's LoRA adapter{deltas} merged in: "
                 "`AutoModelForCausalLM.from_pretrained(this folder)` (or `AutoModelForSeq2SeqLM` for an "
                 "encoder-decoder model) loads it; neither clora nor peft is needed")
         library = "transformers"

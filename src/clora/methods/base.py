@@ -82,6 +82,9 @@ class Method:
     # False where the method needs whole parameters or gradients on every process (an SVD of a full
     # gradient, a parametrization shared by modules), which FSDP and DeepSpeed ZeRO shard.
     supports_sharding: ClassVar[bool] = True
+    # Why the method cannot run on a 4-bit base (--load-in-4bit), as the end of "it needs full-precision
+    # base weights, because ..."; empty where it trains adapters only and keeps the base frozen.
+    needs_full_precision_base: ClassVar[str] = ""
 
     def __init__(self, settings: Settings, options=None):
         self.settings = settings

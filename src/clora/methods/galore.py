@@ -67,6 +67,7 @@ class GaLoreOptions:
 
 class GaLore(SavesFullWeights, Method):
     name = "galore"
+    needs_full_precision_base = "it trains full-rank weight matrices of the base model (full_pattern)"
     Options = GaLoreOptions
     summary = "sequential full-rank fine-tuning of chosen matrices in a GaLore low-rank gradient subspace"
     defaults_note = ("full_lr=1e-05 is the papers' rate for T5-large/LLaMA; on the default model it leaves GaLore "

@@ -52,6 +52,7 @@ class GORPOptions(GaLoreOptions):
 
 class GORP(SavesFullWeights, Method):
     name = "gorp"
+    needs_full_precision_base = "it trains full-rank weight matrices of the base model (full_pattern) beside its LoRAs"
     Options = GORPOptions
     summary = ("a new LoRA per task plus full-rank matrices in a GaLore subspace, gradients projected "
                "away from a shared space grown from Adam's first moments")

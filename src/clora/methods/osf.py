@@ -109,6 +109,7 @@ class ComplementAdamW(torch.optim.AdamW):
 
 class OSF(SavesFullWeights, Method):
     name = "osf"
+    needs_full_precision_base = "it decomposes base weight matrices by their SVD and trains their low singular subspace"
     Options = OSFOptions
     summary = ("full fine-tuning of each matrix's low singular subspace, its top subspace frozen and "
                "growing task by task (PEFT's OSF tuner)")
