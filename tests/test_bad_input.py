@@ -306,7 +306,8 @@ def test_help_shows_every_default_once(capsys):
     for block in blocks:
         flag = block.split()[0]
         takes_value = len(block.split()) > 1 and block.split()[1].rstrip(",").isupper()
-        assert block.count("(default:") == (1 if takes_value else 0), block
+        on_by_default = block.split()[1:2] == [f"--no-{flag.rstrip(',')[1:]}"]  # --x, --no-x: says it is on
+        assert block.count("(default:") == (1 if takes_value or on_by_default else 0), block
         assert "(default: None)" not in block, block
     by_flag = {b.split()[0]: b for b in blocks}
     for flag, default in [("-lr", "0.001"), ("-rank", "8"), ("-alpha", "32.0"), ("-seed", "0"),

@@ -268,3 +268,28 @@ def test_every_method_searches_its_learning_rate_and_only_options_it_has():
         options = {f.name for f in dc.fields(method.Options)}
         assert set(space) <= run_fields | options, name
         assert {"lr", "full_lr"} & set(space), f"{name} searches no learning rate"
+
+
+def test_a_search_short_of_its_budget_chooses_nothing_and_says_it_is_in_progress(tmp_path):
+    from clora import tune
+
+    config = RunConfig(tasks="alpha,beta", order=None, train_per_task=8, dev_per_task=4, eval_split="dev").to_dict()
+    search = tune.Search(output=str(tmp_path), storage="sqlite://", study="s", budget=2, seed=0,
+                         configs={"seq-lora": config, "o-lora": config}, fixed={})
+
+    def found(o_lora_trials: int) -> dict:
+        def method(n):
+            trials = [{"number": k, "state": "complete", "params": {"lr": 1e-3 * (k + 1)}, "dev_AA": 50.0 + k,
+                       "error": None, "continues": None, "run_dir": None} for k in range(n)]
+            return {"trials": trials, "complete": n, "failed": 0, "space": {"lr": "[0.0002, 0.01] log"},
+                    "chosen": {"trial": n - 1, "dev_AA": 49.0 + n, "settings": {"lr": 1e-3 * n}}}
+        return {"seq-lora": method(2), "o-lora": method(o_lora_trials)}
+
+    (tmp_path / "chosen.json").write_text("{}")  # left by an older search
+    tune.write_outputs(search, found(1), "clora tune ...", None, "s", "T")
+    summary = (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "chosen.json").exists()
+    assert "Search in progress**: 3 of 4 trials" in summary and "best so far" in summary and "**chosen**" not in summary
+    tune.write_outputs(search, found(2), "clora tune ...", None, "s", "T")
+    assert set(json.loads((tmp_path / "chosen.json").read_text())["methods"]) == {"seq-lora", "o-lora"}
+    assert "in progress" not in (tmp_path / "summary.md").read_text()

@@ -348,8 +348,14 @@ def _describe(d: BaseDistribution) -> str:
     return f"[{_fmt(d.low)}, {_fmt(d.high)}]" + (" log" if getattr(d, "log", False) else "")
 
 
+def finished(search: Search, found: dict) -> bool:
+    """Every method has spent its budget (complete trials and trials failed with an error)."""
+    return all(r["complete"] + r["failed"] >= search.budget for r in found.values())
+
+
 def write_outputs(search: Search, found: dict, command: str, page: Path | None, section: str, title: str) -> None:
-    """`chosen.json` (read by `clora compare --settings`), `summary.md`, and the page's section."""
+    """`chosen.json` (read by `clora compare --settings`), once the search has finished; `summary.md` and
+    the page's section at any time, marked in progress until then."""
     base = search.config(next(iter(search.configs)))
     chosen = {
         "objective": OBJECTIVE, "budget": search.budget, "sampler": f"TPE, seed {search.seed}",
@@ -362,7 +368,10 @@ def write_outputs(search: Search, found: dict, command: str, page: Path | None, 
         "not_chosen": {m: "no complete trial" for m, r in found.items() if r["chosen"] is None},
     }
     out = Path(search.output)
-    write_json_atomic(out / "chosen.json", chosen)
+    if finished(search, found):
+        write_json_atomic(out / "chosen.json", chosen)
+    else:  # a search stopped half way has chosen nothing yet: a table must not run on its early leader
+        (out / "chosen.json").unlink(missing_ok=True)
     text = _markdown(search, found, command, title)
     write_text_atomic(out / "summary.md", text)
     if page is not None:
@@ -379,8 +388,13 @@ def _markdown(search: Search, found: dict, command: str, title: str) -> str:
              f"costs its trial); sampler TPE seeded {search.seed}, the first {STARTUP_TRIALS} trials of each method "
              f"random. Objective: {OBJECTIVE}. The dev items ({base.dev_per_task} per task, sample seed "
              f"{base.sample_seed}) are held out of each task's training file, disjoint from the training sample; "
-             f"no test item is read. Fixed settings: {fixed}.", "",
-             "| method | searched | trials complete / failed | chosen | dev AA |", "|---|---|---:|---|---:|"]
+             f"no test item is read. Fixed settings: {fixed}.", ""]
+    if not finished(search, found):
+        done = sum(min(search.budget, r["complete"] + r["failed"]) for r in found.values())
+        lines += [f"**Search in progress**: {done} of {search.budget * len(found)} trials finished. Nothing is "
+                  "chosen until every method has its budget (no chosen.json yet); rerun the command to go on.", ""]
+    chosen_column = "chosen" if finished(search, found) else "best so far"
+    lines += [f"| method | searched | trials complete / failed | {chosen_column} | dev AA |", "|---|---|---:|---|---:|"]
     for method, r in found.items():
         space = "; ".join(f"{k} {v}" for k, v in r["space"].items())
         chosen = r["chosen"]
@@ -400,7 +414,8 @@ def _markdown(search: Search, found: dict, command: str, title: str) -> str:
             elif t["state"] == "fail":
                 state += " (interrupted, queued again)"
             value = f"{t['dev_AA']:.1f}" if t["dev_AA"] is not None else "—"
-            mark = " **chosen**" if r["chosen"] and r["chosen"]["trial"] == t["number"] else ""
+            mark = "" if not (r["chosen"] and r["chosen"]["trial"] == t["number"]) else (
+                " **chosen**" if chosen_column == "chosen" else " (best so far)")
             lines.append(f"| {t['number']}{mark} | {state} | " + " | ".join(_fmt(t["params"].get(k, "—")) for k in keys)
                          + f" | {value} |")
     lines += ["", "Made by:", "", "```", command, "```", ""]
