@@ -114,7 +114,8 @@ class OSF(SavesFullWeights, Method):
     summary = ("full fine-tuning of each matrix's low singular subspace, its top subspace frozen and "
                "growing task by task (PEFT's OSF tuner)")
     defaults_note = ("full_lr=1e-05 is a full fine-tuning rate not yet measured on the default model; the "
-                     "dev-split search (`clora tune`) has not covered OSF yet")
+                     "dev-split search (`clora tune`, benchmarks/results_grid.sh: full_lr and preserve) will choose "
+                     "one; pass -o full_lr=... meanwhile")
     supports_sharding = False  # an SVD of every whole weight matrix
 
     def __init__(self, settings, options=None):
