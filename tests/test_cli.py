@@ -1,6 +1,7 @@
 """Bad input from the command line: one line naming the fault, exit code 2, nothing half-written."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -148,7 +149,22 @@ def test_methods_lists_every_method_and_says_where_a_default_is_not_yet_tuned(ca
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(f"\n{name} " in f"\n{out}" for name in registry())
-    galore = out[out.index("\ngalore "):out.index("\ngorp ")]
-    assert "note: full_lr=1e-05" in galore and "0 % on dbpedia" in galore
     seq = out[out.index("\nseq-lora "):]
     assert "note:" not in seq
+
+
+def test_every_default_is_the_committed_search_choice_or_its_note_says_why_not():
+    """What the dev-split search chose (results/tune-proxy/chosen.json) is a method's default, to two
+    significant digits, or the note `clora methods` prints names the choice and says why not."""
+    from clora.methods import registry
+
+    chosen = json.loads((Path(__file__).parents[1] / "results/tune-proxy/chosen.json").read_text())["methods"]
+    methods = registry()
+    for name, found in chosen.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(methods[name].Options)}
+        for key, value in found["settings"].items():
+            if key == "lr":  # the run's --lr, not a method option
+                continue
+            adopted = float(f"{float(value):.2g}") == defaults[key]
+            assert adopted or f"{key}={float(value):.2g}" in methods[name].defaults_note, (name, key, value)
+    assert methods["galore"].Options().full_lr == float(f"{chosen['galore']['settings']['full_lr']:.2g}")
