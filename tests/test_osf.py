@@ -82,7 +82,8 @@ def test_without_the_post_step_projection_adam_leaks_into_the_preserved_subspace
 
 
 def test_preserved_rank_grows_task_by_task_and_trainable_rank_shrinks(tiny_llama, tiny_bench3):
-    p = continual.prepare(tiny_config(tiny_llama, tiny_bench3, "osf", tasks="alpha,beta,gamma"))
+    p = continual.prepare(tiny_config(tiny_llama, tiny_bench3, "osf", tasks="alpha,beta,gamma",
+                                      method_options=["preserve=0.5"]))
     method = p.method
     model = method.attach(load_model(tiny_llama).model)
     ranks, trainable = [], []
