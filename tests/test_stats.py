@@ -183,6 +183,20 @@ def test_compare_summary_and_page_show_cis_parameters_time_per_run_and_paired_te
     assert page.read_text() == text
 
 
+def test_page_gives_a_tuned_learning_rate_per_method_not_the_first_runs(tmp_path):
+    output, results = _fake_comparison(tmp_path)
+    for r in results:
+        r["config"]["lr"] = 0.0011 if r["method"] == "gorp" else 0.00171
+    rows = compare.write_summary(output, results, "clora compare ...")
+    page = tmp_path / "results.md"
+    compare.write_page(page, "fake", "Fake", results, rows, "clora compare ...", output / "summary.png")
+    assert "lr per method (seq-lora 0.0017, gorp 0.0011)" in page.read_text()
+    for r in results:
+        r["config"]["lr"] = 0.002
+    compare.write_page(page, "fake", "Fake", results, rows, "clora compare ...", output / "summary.png")
+    assert ", lr 0.002," in page.read_text()
+
+
 def test_declared_pairs_are_the_only_ones_tested_and_holm_counts_only_them(tmp_path):
     runs = {name: [stats.load_run(write_run(tmp_path / name, "1", 0, continual_rows(draws(k, 60, p), draws(k, 60, p))))]
             for k, (name, p) in enumerate([("seq-lora", 0.4), ("gorp", 0.6), ("galore", 0.55), ("deal", 0.5)])}
@@ -197,6 +211,18 @@ def test_declared_pairs_are_the_only_ones_tested_and_holm_counts_only_them(tmp_p
     assert smallest.p_holm == pytest.approx(min(1.0, 2 * smallest.p))
     assert next(t for t in every if {t.first, t.second} == {smallest.first, smallest.second}).p_holm == \
         pytest.approx(min(1.0, 6 * smallest.p))
+
+
+def test_a_partial_table_adjusts_over_the_whole_declared_family(tmp_path):
+    """A declared pair whose runs are not there yet still counts in Holm's family: the partial table must not
+    call significant what the full one, with every pair tested, might not."""
+    runs = {name: [stats.load_run(write_run(tmp_path / name, "1", 0, continual_rows(draws(k, 60, p), draws(k, 60, p))))]
+            for k, (name, p) in enumerate([("seq-lora", 0.3), ("gorp", 0.7)])}
+    family = [("gorp", "seq-lora"), ("gorp", "galore"), ("deal", "seq-lora")]  # galore, deal: no runs yet
+    tests = stats.pairwise(runs, family)
+    assert [(t.first, t.second) for t in tests] == [("gorp", "seq-lora")]
+    assert tests[0].p_holm == pytest.approx(min(1.0, 3 * tests[0].p))
+    assert stats.pairwise(runs, family[:1])[0].p_holm == pytest.approx(tests[0].p)
 
 
 def test_pairs_option_expands_stars_in_method_order_and_refuses_unknown_names():

@@ -227,10 +227,11 @@ def pairs_table(pairs: list[stats.PairTest]) -> str:
     return "\n".join(lines)
 
 
-def _stats_note(pairs: list[stats.PairTest], declared: bool = False) -> str:
+def _stats_note(pairs: list[stats.PairTest], declared: list[tuple[str, str]] | None = None) -> str:
     tested = sum(1 for t in pairs if t.p is not None)
-    family = (f"the {tested} pairs declared in the command (--pairs), fixed before the results were seen"
-              if declared else f"the {tested} pairs tested in this table")
+    family = (f"the {len(declared)} pairs declared in the command (--pairs), fixed before the results were seen "
+              f"({tested} testable so far; the others count as untested, p = 1)"
+              if declared is not None else f"the {tested} pairs tested in this table")
     return (f"Means over runs with a {stats.LEVEL:.0%} bootstrap CI in brackets ({stats.RESAMPLES} resamples, "
             "seed 0): the test items of each task are resampled (one draw per task, shared by every stage and "
             "every run of the method, so BWT stays paired) and the seeds within each order (orders are fixed); "
@@ -259,7 +260,7 @@ def write_summary(output: Path, results: list[dict], command: str, missing: str 
     orders = sorted({r["order"] for r in results})
     seeds = sorted({r["seed"] for r in results})
     text = (f"# Comparison\n\nOrders {', '.join(orders)}; seeds {', '.join(map(str, seeds))}; runs = orders × seeds "
-            f"per method. {_stats_note(pairs, declared is not None)}\n\n" + header + body
+            f"per method. {_stats_note(pairs, declared)}\n\n" + header + body
             + (f"\nNot run yet: {missing}.\n" if missing else "")
             + (f"\nPaired tests:\n\n{pairs_table(pairs)}\n" if pairs else "")
             + f"\nMade by:\n\n```\n{command}\n```\n")
@@ -351,14 +352,26 @@ def _by_order_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _settings_line(results: list[dict]) -> str:
+    """The caps the runs share; a setting that differs between methods (a tuned learning rate) is given
+    per method."""
+    parts = []
+    for key in ("model", "train_per_task", "test_per_task", "epochs", "lr", "rank", "batch_size"):
+        values = {r["method"]: r["config"][key] for r in results if key in r.get("config", {})}
+        if len(set(values.values())) == 1:
+            parts.append(f"{key.replace('_', ' ')} {next(iter(values.values()))}")
+        elif values:
+            each = ", ".join(f"{m} {v:.2g}" if isinstance(v, float) else f"{m} {v}" for m, v in values.items())
+            parts.append(f"{key.replace('_', ' ')} per method ({each})")
+    return ", ".join(parts)
+
+
 def write_page(page: Path, section: str, title: str, results: list[dict], rows: list[dict], command: str,
                plot: Path, missing: str = "", declared: list[tuple[str, str]] | None = None) -> None:
     """A comparison's section of a docs page: settings, the summary table (CIs, parameter counts) with the
     published numbers beside it (labelled as such), the paired tests, every run's last accuracy row, the
     plot, the command."""
-    config = results[0].get("config", {})
-    settings = ", ".join(f"{k.replace('_', ' ')} {config[k]}" for k in
-                         ("model", "train_per_task", "test_per_task", "epochs", "lr", "rank", "batch_size") if k in config)
+    settings = _settings_line(results)
     long_order = any(len(r["tasks"]) > 4 for r in results)
     table = ["| method | runs | trainable params | × seq-lora | AA | BWT | FWT | forgetting | learning acc. "
              f"| time / run (min) | published AA, T5-large ({'long' if long_order else 'standard'}) |",
@@ -384,7 +397,7 @@ def write_page(page: Path, section: str, title: str, results: list[dict], rows: 
             f"{', '.join(str(s) for s in sorted({r['seed'] for r in results}))}; runs = orders × seeds per method. "
             "Our numbers are the default model on a 2-core CPU with the "
             "caps above; the published ones are T5-large on the full benchmark, shown for orientation, not as "
-            f"a like-for-like comparison. {_stats_note(pairs, declared is not None)}\n\n" + "\n".join(table)
+            f"a like-for-like comparison. {_stats_note(pairs, declared)}\n\n" + "\n".join(table)
             + (f"\n\n**Not run yet** (rerun the command below to add them): {missing}." if missing else "")
             + (f"\n\nPaired tests:\n\n{pairs_table(pairs)}" if pairs else "")
             + (f"\n\nAA (BWT) per order, mean over seeds: a method's mean above is over the orders it has run, "

@@ -236,12 +236,14 @@ def paired_test(first: str, first_runs: list[RunItems | None], second: str,
                     p=p, note=note)
 
 
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment (family-wise error over the list); scipy offers only FDR control."""
-    m = len(pvalues)
-    adjusted = [0.0] * m
+def holm(pvalues: list[float], family: int | None = None) -> list[float]:
+    """Holm's step-down adjustment (family-wise error over the list); scipy offers only FDR control.
+    `family`: the size of the family when some of its hypotheses have no p-value yet (counted as p = 1,
+    which leaves the adjustment of the others as it will be once every one is tested or worse)."""
+    m = max(len(pvalues), family or 0)
+    adjusted = [0.0] * len(pvalues)
     running = 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda k: pvalues[k])):
+    for rank, i in enumerate(sorted(range(len(pvalues)), key=lambda k: pvalues[k])):
         running = max(running, min(1.0, (m - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted
@@ -250,11 +252,13 @@ def holm(pvalues: list[float]) -> list[float]:
 def pairwise(methods: dict[str, list[RunItems | None]], declared: list[tuple[str, str]] | None = None) -> list[PairTest]:
     """Every pair of methods in the given order, or only the `declared` ones (a family fixed before the
     results were seen: Holm over fewer pairs has more power for the comparisons the study is about),
-    with Holm-adjusted p over the pairs that were tested."""
+    with Holm-adjusted p: over the pairs tested, or over the whole declared family, pairs not yet
+    testable included, so that a partial table claims no more than the full one will."""
     names = list(methods)
     pairs = declared if declared is not None else [(x, y) for n, x in enumerate(names) for y in names[n + 1:]]
     tests = [paired_test(x, methods[x], y, methods[y]) for x, y in pairs if x in methods and y in methods]
     tested = [k for k, t in enumerate(tests) if t.p is not None]
-    for k, adjusted in zip(tested, holm([tests[k].p for k in tested])):
+    family = len(pairs) if declared is not None else None
+    for k, adjusted in zip(tested, holm([tests[k].p for k in tested], family)):
         tests[k] = dataclasses.replace(tests[k], p_holm=adjusted)
     return tests
