@@ -190,3 +190,23 @@ def method_stages(model_path: str | None, bench: Path, method: str, options: lis
     data = [StageData(s, p.tasks, [(n, it) for n in s.tasks for it in p.tasks[n].train], encoder,
                     Accelerator(cpu=True), make_loader) for s in p.stages]
     return p.method, model, data
+
+
+def assert_predicts_as_saved(loaded, model, stage_dir: Path, tasks: list[str], row: list, bench: Path, cfg) -> None:
+    """`model` (rebuilt from a stage's saved files on `loaded`'s tokenizer) gives, on every task the run
+    evaluated at that stage, the predictions the stage saved and the accuracy of the run's matrix row."""
+    from accelerate import Accelerator
+
+    from clora.benchmark import Benchmark
+    from clora.encoding import Encoder
+    from clora.evaluation import evaluate_task
+
+    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
+    for task, accuracy in zip(tasks, row):
+        if accuracy is None:
+            continue
+        saved = [json.loads(line) for line in (stage_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        again = evaluate_task(model, encoder, Benchmark(bench).load_task(task), Accelerator(cpu=True),
+                              cfg.eval_batch_size).predictions
+        assert [p["prediction"] for p in again] == [p["prediction"] for p in saved], (stage_dir.name, task)
+        assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy, (stage_dir.name, task)

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from peft import PeftModel, get_peft_model
 from torch import nn
 
 import clora
 from clora import lora
-from clora.benchmark import Benchmark
-from clora.encoding import Encoder
-from clora.evaluation import evaluate_task
 from clora.methods import Settings, build_method
 from clora.methods.ewc import estimate_fisher, ewc_penalty
 from clora.methods.o_lora import o_lora_penalty
 from clora.models import load_model
-from conftest import method_stages, run_killed_in_second_stage, tiny_config
+from conftest import assert_predicts_as_saved, method_stages, run_killed_in_second_stage, tiny_config
 
 
 # -- O-LoRA ------------------------------------------------------------------------------------
@@ -91,14 +87,6 @@ def test_o_lora_penalty_gradient_moves_new_a_towards_orthogonality():
     assert method.penalty(model).item() < 0.05 * before.item()
 
 
-def _reevaluate_with_plain_peft(model_path: str, adapter_dir: Path, bench: Path, task: str, cfg) -> list[dict]:
-    loaded = load_model(model_path)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
-    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-    return evaluate_task(model, encoder, Benchmark(bench).load_task(task), Accelerator(cpu=True),
-                         cfg.eval_batch_size).predictions
-
-
 def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama, tiny_bench3, tmp_path):
     cfg = tiny_config(tiny_llama, tiny_bench3, "o-lora", tasks="alpha,beta,gamma", epochs=1, train_per_task=8)
     out = tmp_path / "run"
@@ -109,14 +97,9 @@ def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama,
     assert ranks == [cfg.rank, 2 * cfg.rank, 3 * cfg.rank]
     assert len(set(result["trainable_parameters"])) == 1, "every task trains one rank-r LoRA"
     for stage_dir, row in zip(stage_dirs, result["accuracy_matrix"]):
-        for task, accuracy in zip(result["tasks"], row):
-            if accuracy is None:
-                continue
-            lines = (stage_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()
-            saved = [json.loads(line) for line in lines]
-            again = _reevaluate_with_plain_peft(tiny_llama, stage_dir / "adapter", tiny_bench3, task, cfg)
-            assert [p["prediction"] for p in again] == [p["prediction"] for p in saved]
-            assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy
+        loaded = load_model(tiny_llama)
+        model = PeftModel.from_pretrained(loaded.model, str(stage_dir / "adapter"))
+        assert_predicts_as_saved(loaded, model, stage_dir, result["tasks"], row, tiny_bench3, cfg)
 
 
 # -- EWC ---------------------------------------------------------------------------------------

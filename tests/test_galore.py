@@ -5,24 +5,19 @@ predictions; a resumed run ends identical."""
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from galore_torch import GaLoreAdamW
 from safetensors.torch import load_file
 
 import clora
-from clora.benchmark import Benchmark
-from clora.encoding import Encoder
-from clora.evaluation import evaluate_task
 from clora.full_weights import DELTAS_FILE, load_stage_model
 from clora.models import load_model
 from clora.projection import GaLoreProjection, ProjectedOptimizer, randomized_svd
-from conftest import tiny_config, write_tiny_benchmark
+from conftest import assert_predicts_as_saved, tiny_config, write_tiny_benchmark
 
 OPTIONS = ["full_lr=1e-2", "update_gap=2", "rank=4"]
 
@@ -143,14 +138,8 @@ def test_galore_trains_full_matrices_and_reloads_exactly(galore_run):
     assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)  # the frozen LoRA is a no-op
 
     loaded = load_model(model_path)
-    model = load_stage_model(loaded.model, stages[-1])
-    encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-    for task, accuracy in zip(result["tasks"], result["accuracy_matrix"][-1]):
-        saved = [json.loads(line) for line in (stages[-1] / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-        again = evaluate_task(model, encoder, Benchmark(bench).load_task(task), Accelerator(cpu=True),
-                              cfg.eval_batch_size).predictions
-        assert [p["prediction"] for p in again] == [p["prediction"] for p in saved]
-        assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy
+    assert_predicts_as_saved(loaded, load_stage_model(loaded.model, stages[-1]), stages[-1], result["tasks"],
+                             result["accuracy_matrix"][-1], bench, cfg)
 
 
 def test_galore_resume_gives_identical_results(galore_run, tmp_path):

@@ -14,20 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import clora
-from clora.benchmark import Benchmark
 from clora.encoding import Encoder
 from clora.errors import UserError
-from clora.evaluation import evaluate_task
 from clora.full_weights import DELTAS_FILE, load_stage_model
 from clora.methods import Settings, Stage, StageData, build_method
 from clora.models import load_model
 from clora.projection import (GaLoreProjection, OrthogonalGaLoreProjection, ProjectedOptimizer, coverage, first_moment,
                               grow_space)
-from conftest import tiny_config, write_tiny_benchmark
+from conftest import assert_predicts_as_saved, tiny_config, write_tiny_benchmark
 
 OPTIONS = ["full_lr=1e-2", "update_gap=2", "rank=4"]
 
@@ -401,16 +398,8 @@ def test_saved_artefacts_reload_with_the_same_predictions(gorp_run, tiny_llama):
     stages = _stages(run)
     for stage_dir, row in [(stages[0], result["accuracy_matrix"][0]), (stages[-1], result["accuracy_matrix"][-1])]:
         loaded = load_model(tiny_llama)
-        model = load_stage_model(loaded.model, stage_dir)
-        encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-        for task, accuracy in zip(result["tasks"], row):
-            if accuracy is None:
-                continue
-            saved = [json.loads(line) for line in (stage_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-            again = evaluate_task(model, encoder, Benchmark(bench).load_task(task), Accelerator(cpu=True),
-                                  cfg.eval_batch_size).predictions
-            assert [p["prediction"] for p in again] == [p["prediction"] for p in saved]
-            assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy
+        assert_predicts_as_saved(loaded, load_stage_model(loaded.model, stage_dir), stage_dir, result["tasks"], row,
+                                 bench, cfg)
 
 
 def test_resume_gives_identical_results(gorp_run, tiny_llama, tmp_path):

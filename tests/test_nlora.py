@@ -7,18 +7,14 @@ import json
 
 import pytest
 import torch
-from accelerate import Accelerator
 from peft import PeftModel
 
 import clora
 from clora import lora
-from clora.benchmark import Benchmark
-from clora.encoding import Encoder
-from clora.evaluation import evaluate_task
 from clora.methods import Settings, StageData, build_method
 from clora.methods.n_lora import l1_of_product, update_l1
 from clora.models import load_model
-from conftest import method_stages, tiny_config
+from conftest import assert_predicts_as_saved, method_stages, tiny_config
 
 pytestmark = pytest.mark.usefixtures("without_plots")
 
@@ -133,12 +129,4 @@ def test_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama, tiny_b
     for stage_dir, row in zip(stage_dirs, result["accuracy_matrix"]):
         loaded = load_model(tiny_llama)
         model = PeftModel.from_pretrained(loaded.model, str(stage_dir / "adapter"))
-        encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-        for task, accuracy in zip(result["tasks"], row):
-            if accuracy is None:
-                continue
-            saved = [json.loads(line) for line in (stage_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-            again = evaluate_task(model, encoder, Benchmark(tiny_bench3).load_task(task), Accelerator(cpu=True),
-                                  cfg.eval_batch_size).predictions
-            assert [p["prediction"] for p in again] == [p["prediction"] for p in saved]
-            assert 100.0 * sum(p["correct"] for p in again) / len(again) == accuracy
+        assert_predicts_as_saved(loaded, model, stage_dir, result["tasks"], row, tiny_bench3, cfg)

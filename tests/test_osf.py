@@ -3,7 +3,6 @@ subspace untouched, the preserved rank grows task by task, and a run folder's st
 full-weight deltas) reloads to the same predictions and resumes to the same result."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,10 @@ from safetensors.torch import load_file
 
 import clora
 from clora import continual, lora
-from clora.benchmark import Benchmark
-from clora.encoding import Encoder
-from clora.evaluation import evaluate_task
 from clora.full_weights import DELTAS_FILE, load_stage_model
 from clora.methods import StageData, osf
 from clora.models import load_model
-from conftest import method_stages, tiny_config, write_tiny_benchmark
+from conftest import assert_predicts_as_saved, method_stages, tiny_config, write_tiny_benchmark
 
 pytestmark = pytest.mark.usefixtures("without_plots")
 
@@ -137,16 +133,7 @@ def test_stage_reloads_to_the_same_predictions_with_plain_peft_and_deltas(osf_ru
     assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)  # the LoRA is a no-op
     for stage, row in zip(stages, result["accuracy_matrix"]):
         loaded = load_model(model_path)
-        model = load_stage_model(loaded.model, stage)
-        encoder = Encoder(loaded.tokenizer, loaded.is_encoder_decoder, cfg.max_prompt_tokens)
-        for task, accuracy in zip(result["tasks"], row):
-            if accuracy is None:
-                continue
-            saved = [json.loads(line) for line in (stage / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-            again = evaluate_task(model, encoder, Benchmark(bench).load_task(task), Accelerator(cpu=True),
-                                  cfg.eval_batch_size).predictions
-            assert [q["prediction"] for q in again] == [q["prediction"] for q in saved]
-            assert 100.0 * sum(q["correct"] for q in again) / len(again) == accuracy
+        assert_predicts_as_saved(loaded, load_stage_model(loaded.model, stage), stage, result["tasks"], row, bench, cfg)
 
 
 def test_resume_inside_the_second_task_gives_identical_results(tiny_llama, tmp_path, monkeypatch):
