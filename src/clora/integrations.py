@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -75,7 +76,16 @@ def run(config: RunConfig, output: str | Path, make_trainer: Callable[["TrainerS
         print(f"clora: {description} with a user's Trainer", flush=True)
         return stage.train(make_trainer)
 
-    return continual.run(config, output, resume=resume, overwrite=overwrite, train=train)
+    fresh = not Path(output).exists()
+    try:
+        return continual.run(config, output, resume=resume, overwrite=overwrite, train=train)
+    except UserError:
+        # The Trainer is built, and its set-up refused, only once stage 1 starts, after the run folder was
+        # made: a folder this call created and that holds no finished stage goes, so the corrected call
+        # starts afresh instead of meeting "already holds a different run".
+        if fresh and not any(Path(output, "stages").glob("*/stage.json")):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 class TrainerStage:
