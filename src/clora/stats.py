@@ -238,8 +238,9 @@ def paired_test(first: str, first_runs: list[RunItems | None], second: str,
 
 def holm(pvalues: list[float], family: int | None = None) -> list[float]:
     """Holm's step-down adjustment (family-wise error over the list); scipy offers only FDR control.
-    `family`: the size of the family when some of its hypotheses have no p-value yet (counted as p = 1,
-    which leaves the adjustment of the others as it will be once every one is tested or worse)."""
+    `family`: the size of the family when some of its hypotheses have no p-value yet. They count as
+    p = 1; Holm's adjusted p-values never rise when a raw p-value falls, so the others' can only fall
+    once those are tested: a partial table claims no more than the full one will."""
     m = max(len(pvalues), family or 0)
     adjusted = [0.0] * len(pvalues)
     running = 0.0
