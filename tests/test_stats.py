@@ -225,6 +225,18 @@ def test_a_partial_table_adjusts_over_the_whole_declared_family(tmp_path):
     assert stats.pairwise(runs, family[:1])[0].p_holm == pytest.approx(tests[0].p)
 
 
+def test_holm_over_a_partly_tested_family_never_claims_more_than_the_full_family():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        full = [rng.random() ** 3 for _ in range(rng.randint(2, 12))]
+        tested = sorted(rng.sample(range(len(full)), rng.randint(1, len(full))))
+        partial = stats.holm([full[k] for k in tested], family=len(full))
+        final = stats.holm(full)
+        assert all(a >= final[k] - 1e-12 for a, k in zip(partial, tested))
+
+
 def test_pairs_option_expands_stars_in_method_order_and_refuses_unknown_names():
     methods = ["seq-lora", "gorp", "gorp-no-shared:gorp", "galore"]
     assert compare.parse_pairs("*/seq-lora, gorp/gorp-no-shared", methods) == [
