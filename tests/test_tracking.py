@@ -110,6 +110,11 @@ def test_wandb_offline_gets_the_accuracies_and_options(tiny_llama, tiny_bench, t
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     clora.run(_config(tiny_llama, tiny_bench, report_to="wandb"), out)
+    import wandb
+
+    # `run.finish()` hands the records to W&B's service process, which may still be writing them;
+    # teardown is what the process's exit does (W&B's atexit hook): wait for the service to flush.
+    wandb.teardown()
     assert not (out / "tb").exists()  # only what was asked for
     files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
