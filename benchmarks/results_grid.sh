@@ -34,15 +34,21 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then  # the search writes its page (docs/tuning
     --title "Dev-split search: dbpedia then agnews, 192 train / 64 dev items per task, 6 trials per method" \
     --jobs "${JOBS:-2}"
 fi
-table=(--methods "$(IFS=,; echo "${tuned[*]:0:2}"),gorp-no-shared:gorp,$(IFS=,; echo "${tuned[*]:2}")"
-       --orders 1,2,3 --train-per-task 192 --dev-per-task 64 --test-per-task 64 --zero-shot --eval-all --rank 8
-       --settings results/tune-proxy/chosen.json --for gorp-no-shared shared_space=false
+same=(--orders 1,2,3 --train-per-task 192 --dev-per-task 64 --test-per-task 64 --zero-shot --eval-all --rank 8
+      --settings results/tune-proxy/chosen.json)
+table=(--methods "$(IFS=,; echo "${tuned[*]:0:2}"),gorp-no-shared:gorp,$(IFS=,; echo "${tuned[*]:2}")" "${same[@]}"
+       --for gorp-no-shared shared_space=false
        --pairs "*/seq-lora,gorp/galore,gorp/gorp-no-shared,gorp/o-lora,deal/o-lora,n-lora/o-lora,osf/o-lora,gorp/deal")
+# The five the verdict rests on (fixed DEAL, GORP, its control GaLore, O-LoRA, SeqLoRA) get their later
+# seeds before the other rows, one seed at a time, so the headline pairs gain paired items first.
+first=(--methods deal,gorp,galore,o-lora,seq-lora "${same[@]}" --pairs "*/seq-lora,gorp/galore,gorp/o-lora,deal/o-lora,gorp/deal")
 if [ -f results/tune-proxy/chosen.json ]; then
   # Order 1 of seed 0 for every method first, then orders 2-3: a partial table already has every method.
   if [ "${REPORT_ONLY:-0}" != 1 ]; then
     $CLORA compare "${table[@]}" --orders 1 --seeds 0 --output results/proxy-tuned $how
     $CLORA compare "${table[@]}" --seeds 0 --output results/proxy-tuned $how
+    $CLORA compare "${first[@]}" --seeds 0,1 --output results/proxy-tuned $how
+    $CLORA compare "${first[@]}" --seeds 0,1,2 --output results/proxy-tuned $how
   fi
   $CLORA compare "${table[@]}" --seeds 0,1,2 --output results/proxy-tuned --page docs/results.md --section tuned \
     --title "Standard benchmark (4 tasks), orders 1-3, three seeds, settings tuned on the dev split" $how
