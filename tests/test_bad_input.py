@@ -219,6 +219,7 @@ CASES = [
      ["full_pattern", "zzz"], None),
     ("compare-model-missing", COMPARE + " --model ./nowhere", ["no such file or directory"], None),
     ("compare-jobs-zero", COMPARE + " --jobs 0", ["--jobs"], None),
+    ("compare-one-at-a-time-unknown", COMPARE + " --jobs 2 --one-at-a-time osf", ["--one-at-a-time", "osf"], None),
     ("compare-seeds-not-integers", COMPARE + " --seeds x", ["--seeds"], None),
     ("compare-for-unknown-method", COMPARE + " --for gorp lr=1", ["--for", "gorp"], None),
     ("compare-4bit-gorp", COMPARE.replace("seq-lora", "seq-lora,gorp") + " --load-in-4bit",

@@ -142,3 +142,29 @@ def test_a_labelled_variant_has_its_own_runs_and_takes_its_methods_tuned_setting
     assert run_dir_of(tmp_path, label_b, "1", 0) != run_dir_of(tmp_path, label_a, "1", 0)
     with pytest.raises(UserError, match="twice"):
         expand(RunConfig(), ["gorp", "gorp:gorp"], ["1"], [0], {})
+
+
+def test_one_at_a_time_never_runs_two_of_a_method_together(tiny_bench, tiny_llama, tmp_path, capsys):
+    """In grid order, a's two orders would start together; with `--one-at-a-time a`, b's first run
+    takes the second slot and a's second run starts only after a's first is done."""
+    common = ["--methods", "a:seq-lora,b:seq-lora", "--orders", "alpha+beta,beta+alpha", "--model", tiny_llama,
+              "--data-dir", str(tiny_bench), "--lr", "0.02", "--rank", "4", "--batch-size", "4", "--epochs", "1",
+              "--jobs", "2", "--output", str(tmp_path / "cmp")]
+    assert main(["compare", *common, "--one-at-a-time", "a"]) == 0
+    events = [line.removeprefix("clora compare: ") for line in capsys.readouterr().out.splitlines()
+              if line.startswith("clora compare: ")]
+    started = [e.split()[1] for e in events if e.startswith("started")]
+    assert started[:2] == ["a-orderalpha+beta-seed0", "b-orderalpha+beta-seed0"], events
+    second_a = events.index(next(e for e in events if e.startswith("started a-orderbeta+alpha")))
+    assert "a-orderalpha+beta-seed0 done" in events[:second_a], events
+    assert "--one-at-a-time" not in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+def test_next_runnable_skips_a_busy_one_at_a_time_method():
+    from clora.parallel import next_runnable
+
+    pending = list(enumerate([("osf", "1", 0, None), ("osf", "2", 0, None), ("seq-lora", "1", 0, None)]))
+    assert next_runnable(pending, [], frozenset({"osf"})) == 0
+    assert next_runnable(pending, ["osf"], frozenset({"osf"})) == 2
+    assert next_runnable(pending, ["osf"], frozenset()) == 0
+    assert next_runnable(pending[:2], ["osf"], frozenset({"osf"})) is None

@@ -144,6 +144,9 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--output", required=True, help="comparison directory; rerun the same command to resume")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process (logs in OUTPUT/logs/); several share a GPU well")
+    parser.add_argument("--one-at-a-time", metavar="METHOD,...", default="",
+                        help="with --jobs: never two runs of these methods at once (a method whose runs need more "
+                             "memory than half the machine's, e.g. osf on a 24 GiB machine); other runs fill the slots")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: summarise the runs as they stand (partial ones marked)")
     parser.add_argument("--page", help="also write the comparison as a section of this Markdown page (e.g. docs/results.md)")
@@ -282,11 +285,16 @@ def _compare(args, argv: list[str] | None) -> int:
         config.validate()
     if args.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
+    labels = [compare.parse_method(m)[0] for m in methods]
+    one_at_a_time = frozenset(m for m in args.one_at_a_time.split(",") if m)
+    if one_at_a_time - set(labels):
+        raise UserError(f"--one-at-a-time names {', '.join(sorted(one_at_a_time - set(labels)))}, "
+                        f"which is not one of --methods ({', '.join(labels)})")
     output = Path(args.output)
     if not args.report_only:  # before the comparison's folder is created (see clora.preflight)
         preflight.check_grid(grid, output)
     parallel = args.jobs > 1 and not args.report_only
-    failed = run_parallel(grid, output, args.jobs) if parallel else []
+    failed = run_parallel(grid, output, args.jobs, one_at_a_time) if parallel else []
     results = compare.run_grid(grid, output, run, report_only=args.report_only or parallel)
     if not results:
         raise UserError(f"{output} holds none of these runs yet" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -312,15 +320,15 @@ def _stream_label(config: RunConfig) -> str | None:
 
 
 def _without_run_control(words: list[str]) -> list[str]:
-    """The command recorded beside a summary: how the runs were carried out (--report-only, --jobs N)
-    does not change what they computed."""
+    """The command recorded beside a summary: how the runs were carried out (--report-only, --jobs N,
+    --one-at-a-time M) does not change what they computed."""
     kept, skip = [], False
     for word in words:
         if skip:
             skip = False
-        elif word == "--jobs":
+        elif word in ("--jobs", "--one-at-a-time"):
             skip = True
-        elif word != "--report-only" and not word.startswith("--jobs="):
+        elif word != "--report-only" and not word.startswith(("--jobs=", "--one-at-a-time=")):
             kept.append(word)
     return kept
 

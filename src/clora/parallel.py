@@ -15,9 +15,20 @@ from .config import RunConfig
 from .errors import UserError
 
 
-def run_parallel(grid, output: Path, jobs: int) -> list[str]:
+def next_runnable(pending: list, running_methods: list[str], one_at_a_time: frozenset[str]) -> int | None:
+    """The position in `pending` of the first run that may start now: a run of a method in
+    `one_at_a_time` waits while another run of that method is running (two OSF runs of the default
+    model hold more memory than a 24 GiB machine has); None if every pending run must wait."""
+    for position, (_, (method, *_)) in enumerate(pending):
+        if method not in one_at_a_time or method not in running_methods:
+            return position
+    return None
+
+
+def run_parallel(grid, output: Path, jobs: int, one_at_a_time: frozenset[str] = frozenset()) -> list[str]:
     """Run the grid `jobs` runs at a time, each an ordinary (resumable) run in a process of its own with
-    its output in `<output>/logs/`. Small models leave a GPU mostly idle between one process's kernel
+    its output in `<output>/logs/`, in grid order except that a method of `one_at_a_time` never has two
+    runs going at once. Small models leave a GPU mostly idle between one process's kernel
     launches, so several runs share one GPU well; with several GPUs visible, the runs are spread over
     them round-robin. Returns the runs that failed, each with its log. Killing the comparison kills its
     runs; rerunning it resumes them."""
@@ -26,13 +37,16 @@ def run_parallel(grid, output: Path, jobs: int) -> list[str]:
     gpus = _visible_gpus()
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending = list(enumerate(grid))
-    running: dict[subprocess.Popen, tuple[str, Path]] = {}
+    running: dict[subprocess.Popen, tuple[str, Path, str]] = {}
     failed: list[str] = []
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                slot, (method, order, seed, config) = pending.pop(0)
+                position = next_runnable(pending, [m for _, _, m in running.values()], one_at_a_time)
+                if position is None:
+                    break
+                slot, (method, order, seed, config) = pending.pop(position)
                 run_dir = run_dir_of(output, method, order, seed)
                 name = f"{method}-order{order}-seed{seed}"
                 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
@@ -44,11 +58,11 @@ def run_parallel(grid, output: Path, jobs: int) -> list[str]:
                     [sys.executable, "-m", "clora.parallel", json.dumps(config.to_dict()), str(run_dir),
                      str(zero_shot_file(output, order, seed))], stdout=log, stderr=subprocess.STDOUT, env=env)
                 log.close()
-                running[process] = (name, logs / f"{name}.log")
+                running[process] = (name, logs / f"{name}.log", method)
                 print(f"clora compare: started {name} ({len(grid) - len(pending)}/{len(grid)})", flush=True)
             time.sleep(0.5)
             for process in [p for p in running if p.poll() is not None]:
-                name, log = running.pop(process)
+                name, log, _ = running.pop(process)
                 status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, log {log})"
                 print(f"clora compare: {name} {status}", flush=True)
                 if process.returncode != 0:
