@@ -285,7 +285,7 @@ def _compare(args, argv: list[str] | None) -> int:
         config.validate()
     if args.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
-    labels = [compare.parse_method(m)[0] for m in methods]
+    labels = list(dict.fromkeys(label for label, _, _, _ in grid))
     one_at_a_time = frozenset(m for m in args.one_at_a_time.split(",") if m)
     if one_at_a_time - set(labels):
         raise UserError(f"--one-at-a-time names {', '.join(sorted(one_at_a_time - set(labels)))}, "
