@@ -149,6 +149,9 @@ CASES = [
     ("galore-pattern-matches-nothing", RUN + " --method galore -o full_pattern=nomatch", ["full_pattern", "nomatch"], None),
     ("gorp-pattern-not-a-regex", RUN + " --method gorp -o full_pattern=[", ["full_pattern", "regular expression"], None),
     ("gorp-bad-epsilon", RUN + " --method gorp -o epsilon=2", ["epsilon"], None),
+    ("o-lora-per-task-wrong-length", RUN + " --method o-lora -o lambda1_per_task=0,0.5,5",
+     ["lambda1_per_task", "3 values", "2 tasks"], None),
+    ("o-lora-per-task-not-numbers", RUN + " --method o-lora -o lambda2_per_task=0,x", ["lambda2_per_task", "'0,x'"], None),
     # a 4-bit base (--load-in-4bit): only for methods that keep the base frozen, and only with bitsandbytes
     ("4bit-gorp", RUN + " --method gorp --load-in-4bit", ["--load-in-4bit", "gorp", "full-precision", "full-rank"], None),
     ("4bit-galore", RUN + " --method galore --load-in-4bit", ["--load-in-4bit", "galore", "full-precision"], None),

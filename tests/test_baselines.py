@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from torch import nn
 
 import clora
 from clora import lora
+from clora.errors import UserError
 from clora.methods import Settings, build_method
+from clora.methods.base import Stage
 from clora.methods.ewc import estimate_fisher, ewc_penalty
 from clora.methods.o_lora import o_lora_penalty
 from clora.models import load_model
@@ -33,14 +36,18 @@ class _TwoLinears(nn.Module):
         return self.v(self.q(x))
 
 
-def _olora_model(method):
+def _stage(index: int) -> SimpleNamespace:
+    return SimpleNamespace(stage=Stage(index, f"task{index}", [f"task{index}"]))
+
+
+def _olora_model(method, stage: int = 1):
     torch.manual_seed(0)
     model = get_peft_model(_TwoLinears(), lora.lora_config(2, 32.0, 0.0, ["q", "v"]))
     old = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     for layer in lora.lora_layers(model).values():
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(old)
-    lora.start_new_adapter(model, method.lora_config)
+    method.on_task_start(model, _stage(stage))  # adds the new task's LoRA beside "default"
     new = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0]])
     for layer in lora.lora_layers(model).values():
         with torch.no_grad():
@@ -61,6 +68,19 @@ def test_o_lora_penalty_equals_hand_computation():
     # Task 1 has no old LoRA: with the default lambda2 = 0 there is no penalty at all.
     plain = get_peft_model(_TwoLinears(), lora.lora_config(2, 32.0, 0.0, ["q", "v"]))
     assert build_method("o-lora", Settings(rank=2, target_modules=["q", "v"])).penalty(plain) is None
+
+
+def test_o_lora_per_task_weights_replace_lambda1_and_lambda2_stage_by_stage():
+    # The reference long scripts set the weights per task; here task 2 gets 7 and 0.1, task 3 gets none.
+    options = ["lambda1=0.5", "lambda1_per_task=0,7,0", "lambda2_per_task=0,0.1,0"]
+    method = build_method("o-lora", Settings(rank=2, target_modules=["q", "v"]), options)
+    assert [s.name for s in method.stages(["a", "b", "c"])] == ["a", "b", "c"]
+    model = _olora_model(method, stage=1)
+    expected = 7 * (3 + 3) + 0.1 * (2 * 14 ** 0.5 + 6 ** 0.5 / 2 + 1.0)  # as in the hand computation above
+    assert method.penalty(model).item() == pytest.approx(expected, rel=1e-6)
+    assert method.penalty(_olora_model(method, stage=2)) is None, "task 3's weights are 0, whatever lambda1 says"
+    with pytest.raises(UserError, match="lambda1_per_task has 3 values for 2 tasks"):
+        method.stages(["a", "b"])
 
 
 def test_o_lora_penalty_gradient_moves_new_a_towards_orthogonality():

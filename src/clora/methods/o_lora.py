@@ -12,6 +12,9 @@ plain PEFT LoRA of rank r*t that computes the sum of all task LoRAs.
 Growth: the adapter holds r*t*(d_in + d_out) parameters per target module after t tasks, and an
 unmerged forward pays the same extra multiply-adds per token; merged into the base weights
 (`merge_and_unload`) it costs nothing at inference. See docs/methods/baselines.md.
+
+`lambda1_per_task` / `lambda2_per_task` give one weight per task of the order, as the reference code's
+long-benchmark scripts do (lambda1 0.5 for tasks 2-9 and 5 for tasks 10-15; lambda2 between 0 and 0.3).
 """
 from __future__ import annotations
 
@@ -22,13 +25,15 @@ import torch
 from .. import lora
 from ..errors import UserError
 from . import register
-from .base import Method, StageData
+from .base import Method, Stage, StageData
 
 
 @dataclass
 class OLoRAOptions:
     lambda1: float = 0.5  # weight of the orthogonality term
     lambda2: float = 0.0  # weight of the L2 norm of the new LoRA
+    lambda1_per_task: str = ""  # comma-separated, one per task of the order; given, it replaces lambda1
+    lambda2_per_task: str = ""  # the same for lambda2
 
 
 def orthogonality(a_old: torch.Tensor, a_new: torch.Tensor) -> torch.Tensor:
@@ -59,25 +64,51 @@ class OLoRA(Method):
 
     def __init__(self, settings, options=None):
         super().__init__(settings, options)
-        if self.options.lambda1 < 0 or self.options.lambda2 < 0:
+        o = self.options
+        if o.lambda1 < 0 or o.lambda2 < 0:
             raise UserError("o-lora options lambda1 and lambda2 must be >= 0")
+        self.per_task = {"lambda1": _weights(o.lambda1_per_task, "lambda1_per_task"),
+                         "lambda2": _weights(o.lambda2_per_task, "lambda2_per_task")}
+        self.lambdas = (o.lambda1, o.lambda2)  # the weights of the stage being trained
+
+    def stages(self, task_names: list[str]) -> list[Stage]:
+        for name, weights in self.per_task.items():
+            if weights is not None and len(weights) != len(task_names):
+                raise UserError(f"o-lora option {name}_per_task has {len(weights)} values for {len(task_names)} "
+                                "tasks: give one per task of the order")
+        return super().stages(task_names)
 
     def on_task_start(self, model, data: StageData) -> None:
-        if data.stage.index == 0:
+        i, o = data.stage.index, self.options
+        lambda1s, lambda2s = self.per_task["lambda1"], self.per_task["lambda2"]
+        self.lambdas = (lambda1s[i] if lambda1s else o.lambda1, lambda2s[i] if lambda2s else o.lambda2)
+        if i == 0:
             super().on_task_start(model, data)  # task 1 trains "default"; there is nothing old yet
         else:
             lora.start_new_adapter(model, self.lora_config)
 
     def penalty(self, model) -> torch.Tensor | None:
-        o = self.options
+        lambda1, lambda2 = self.lambdas
         pairs, new_params = _old_new_factors(model)
-        if not (o.lambda1 and pairs) and not o.lambda2:
+        if not (lambda1 and pairs) and not lambda2:
             return None
-        return o_lora_penalty(pairs, new_params, o.lambda1, o.lambda2)
+        return o_lora_penalty(pairs, new_params, lambda1, lambda2)
 
     def on_task_end(self, model, data: StageData, optimizer) -> None:
         if data.stage.index > 0:
             lora.fold_new_adapter(model)
+
+
+def _weights(raw: str, option: str) -> list[float] | None:
+    if not raw.strip():
+        return None
+    try:
+        weights = [float(w) for w in raw.split(",")]
+    except ValueError:
+        raise UserError(f"o-lora option {option} must be comma-separated numbers, got {raw!r}") from None
+    if any(w < 0 for w in weights):
+        raise UserError(f"o-lora option {option} must hold weights >= 0, got {raw!r}")
+    return weights
 
 
 def _old_new_factors(model) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
