@@ -107,8 +107,12 @@ def test_o_lora_penalty_gradient_moves_new_a_towards_orthogonality():
     assert method.penalty(model).item() < 0.05 * before.item()
 
 
-def test_o_lora_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(tiny_llama, tiny_bench3, tmp_path):
-    cfg = tiny_config(tiny_llama, tiny_bench3, "o-lora", tasks="alpha,beta,gamma", epochs=1, train_per_task=8)
+# N-LoRA grows its adapter the same way (its own tests are in test_nlora.py); O-LoRA runs with per-task weights.
+@pytest.mark.parametrize("method, options", [("o-lora", ["lambda1_per_task=0,0.5,5", "lambda2_per_task=0,0,0.1"]),
+                                             ("n-lora", ["lambda1=0.01"])])
+def test_adapter_has_rank_r_times_t_and_reloads_in_plain_peft(method, options, tiny_llama, tiny_bench3, tmp_path):
+    cfg = tiny_config(tiny_llama, tiny_bench3, method, tasks="alpha,beta,gamma", epochs=1, train_per_task=8,
+                      method_options=options)
     out = tmp_path / "run"
     result = clora.run(cfg, out)
     assert result["status"] == "complete"
