@@ -62,13 +62,36 @@ def test_mcnemar_finds_a_planted_difference_and_none_between_identical_predictio
 
     planted = stats.paired_test("a", [a], "b", [b])
     expected = statistics.fmean(100.0 * (sum(strong[t]) - sum(weak[t])) / 60 for t in TASKS)
-    assert planted.p < 1e-6 and planted.items == 180 and planted.runs == 1
+    assert planted.p_mcnemar < 1e-6 and planted.items == 180 and planted.runs == 1
+    # No replicate mean is at or below 0: the bootstrap's smallest p, counted with the observed mean.
+    assert planted.p_bootstrap == pytest.approx(2 / (stats.RESAMPLES + 1))
+    assert planted.p == max(planted.p_mcnemar, planted.p_bootstrap)
     assert planted.aa_difference == pytest.approx(expected)
     assert planted.first_only - planted.second_only == sum(sum(strong[t]) - sum(weak[t]) for t in TASKS)
 
     identical = stats.paired_test("a", [a], "c", [same])
-    assert identical.p == 1.0 and identical.first_only == identical.second_only == 0
-    assert identical.aa_difference == 0.0
+    assert identical.p == identical.p_mcnemar == identical.p_bootstrap == 1.0
+    assert identical.first_only == identical.second_only == 0 and identical.aa_difference == 0.0
+
+
+def test_a_gap_one_seed_shows_and_the_others_reverse_is_not_significant(tmp_path):
+    """Pooled over seeds, McNemar counts one seed's large gap as hundreds of independent items; the paired
+    bootstrap redraws the seeds too, so it finds the gap only where the seeds agree."""
+    def pair(name: str, gaps: list[tuple[float, float]]):
+        firsts, seconds = [], []
+        for seed, (p_first, p_second) in enumerate(gaps):
+            first, second = draws(10 + seed, 60, p_first), draws(20 + seed, 60, p_second)
+            firsts.append(stats.load_run(write_run(tmp_path / name / f"a{seed}", "1", seed, continual_rows(first, first))))
+            seconds.append(stats.load_run(write_run(tmp_path / name / f"b{seed}", "1", seed, continual_rows(second, second))))
+        return stats.paired_test("a", firsts, "b", seconds)
+
+    one_seed = pair("one-seed", [(0.95, 0.2), (0.45, 0.55), (0.45, 0.55)])
+    assert one_seed.runs == 3 and one_seed.aa_difference > 15
+    assert one_seed.p_mcnemar < 1e-6, "pooled over seeds, the first seed's gap dominates"
+    assert one_seed.p_bootstrap > 0.2 and one_seed.p == one_seed.p_bootstrap
+
+    every_seed = pair("every-seed", [(0.8, 0.4), (0.75, 0.45), (0.8, 0.45)])
+    assert every_seed.p_mcnemar < 1e-6 and every_seed.p_bootstrap < 0.01
 
 
 def test_pairs_on_other_test_items_or_partial_runs_are_not_tested(tmp_path):

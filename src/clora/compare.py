@@ -210,19 +210,20 @@ def _p(value: float) -> str:
 
 
 def pairs_table(pairs: list[stats.PairTest]) -> str:
-    """One line per pair of methods: the paired AA difference, the discordant items, McNemar's p raw
-    and Holm-adjusted, and whether the difference is significant at 0.05 after Holm."""
+    """One line per pair of methods: the paired AA difference, the discordant items, McNemar's and the
+    paired bootstrap's p, the larger Holm-adjusted, and whether the difference is significant at 0.05
+    after Holm."""
     lines = ["| first | second | runs | items | AA first − second | only first right | only second right "
-             "| McNemar p | Holm p | significant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| McNemar p | bootstrap p | Holm p | significant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for t in pairs:
         if t.p is None:
-            lines.append(f"| {t.first} | {t.second} | — | — | — | — | — | — | — | not tested: {t.note} |")
+            lines.append(f"| {t.first} | {t.second} | — | — | — | — | — | — | — | — | not tested: {t.note} |")
             continue
         difference = f"{t.aa_difference:+.1f}"
         verdict = "**yes**" if t.significant else "no"
         lines.append(f"| {t.first} | {t.second} | {t.runs} | {t.items} | "
                      + (f"**{difference}**" if t.significant else difference)
-                     + f" | {t.first_only} | {t.second_only} | {_p(t.p)} | {_p(t.p_holm)} | {verdict}"
+                     + f" | {t.first_only} | {t.second_only} | {_p(t.p_mcnemar)} | {_p(t.p_bootstrap)} | {_p(t.p_holm)} | {verdict}"
                      + (f" ({t.note})" if t.note else "") + " |")
     return "\n".join(lines)
 
@@ -240,10 +241,14 @@ def _stats_note(pairs: list[stats.PairTest], declared: list[tuple[str, str]] | N
             "(any run), and its ratio to seq-lora's.\n\n"
             f"Paired tests, on the last accuracy row: for each {'declared ' if declared else ''}pair of methods, "
             "the complete runs (order, seed) "
-            "both have, pooled over their identical test items; exact McNemar test (two-sided binomial test of the "
-            "items only one of the two got right); AA first − second is the macro AA difference averaged over "
-            f"those runs; p adjusted by Holm over {family}; significant means Holm "
-            "p < 0.05 (bold).")
+            "both have, over their identical test items. Two tests: the exact McNemar test (two-sided binomial test "
+            "of the items only one of the two got right, pooled over the runs as if every run's items were "
+            "independent) and a two-sided paired bootstrap of the AA difference "
+            f"({stats.RESAMPLES} resamples, seed 0) that redraws the items of each task (the same draw for both "
+            "methods) and the seeds within each order (a drawn seed brings both methods' runs), so a gap that "
+            "one seed shows and another reverses does not count. AA first − second is the macro AA difference "
+            f"averaged over those runs; the larger of the two p-values is adjusted by Holm over {family}; "
+            "significant means Holm p < 0.05 (bold).")
 
 
 def write_summary(output: Path, results: list[dict], command: str, missing: str = "",

@@ -1,6 +1,7 @@
 """Statistics over run folders' per-item predictions: how far a method's mean could move with other
 test items (bootstrap confidence intervals of AA, BWT, FWT, forgetting and learning accuracy), and
-whether two methods differ on the same test items (exact McNemar tests, Holm-corrected per table).
+whether two methods differ on the same test items (exact McNemar and paired bootstrap tests,
+Holm-corrected per table).
 
 What the bootstrap resamples, in each of `RESAMPLES` replicates:
 
@@ -10,6 +11,14 @@ What the bootstrap resamples, in each of `RESAMPLES` replicates:
 * the seeds within each order, with replacement (orders are fixed: they are the benchmark's design,
   not a sample); with one seed per order this adds nothing, and the interval covers test-item noise
   only, not training noise between seeds.
+
+A pair of methods is tested twice over the same runs (order, seed) and items. McNemar's exact test
+pools the items of every shared run as if each (run, item) were independent, which holds for one
+seed per order but not across seeds: the same item recurs in every seed, and a gap that one seed shows
+and another reverses is training noise, not a difference. The paired bootstrap resamples what a
+reviewer would redraw, the items (one draw per task, shared by both methods) and the seeds within each
+order (paired: a drawn seed brings both methods' runs). A pair's p is the larger of the two, so a
+difference is called significant only where both tests find it.
 
 The zero-shot row is held fixed (runs keep only its accuracies, not its predictions). The interval is
 the percentile interval of the replicates' means over runs; the generator is seeded, so the same
@@ -60,7 +69,9 @@ class PairTest:
     aa_difference: float | None = None
     first_only: int = 0
     second_only: int = 0
-    p: float | None = None
+    p_mcnemar: float | None = None
+    p_bootstrap: float | None = None
+    p: float | None = None  # the larger of the two: what Holm adjusts
     p_holm: float | None = None
     note: str = ""
 
@@ -192,6 +203,26 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> tuple[int, int, float]:
     return first_only, second_only, p
 
 
+def bootstrap_p(shared: list[tuple[RunItems, RunItems]], resamples: int = RESAMPLES, seed: int = SEED) -> float:
+    """Two-sided paired bootstrap test of the AA difference over runs (first, second) of the same order,
+    seed and items: in each replicate the items of each task are redrawn (the same draw for both methods
+    and every run that scored those items) and the seeds within each order (a drawn seed brings both of
+    its runs); p = 2 x the share of replicate means on the far side of 0, counted with the observed one
+    so that it is never 0."""
+    rng = np.random.default_rng(seed)
+    draws: dict = {}
+    differences = []  # per run, (resamples,) macro-AA differences
+    for first, second in shared:
+        positions = _item_draws(first, draws, rng, resamples)
+        accuracy = [np.mean([c[pos].mean(axis=1) for c, pos in zip(run.correct[-1], positions)], axis=0)
+                    for run in (first, second)]
+        differences.append(100.0 * (accuracy[0] - accuracy[1]))
+    chosen = _run_draws([first for first, _ in shared], rng, resamples)
+    means = np.take_along_axis(np.stack(differences, axis=1), chosen, axis=1).mean(axis=1)
+    far_side = min(int(np.sum(means <= 0)), int(np.sum(means >= 0)))
+    return min(1.0, 2.0 * (far_side + 1) / (resamples + 1))
+
+
 def _final_row(run: RunItems) -> tuple[tuple, np.ndarray, list[float]]:
     """The run's final-row items as a comparable key (task, index, label), their correctness pooled over
     tasks, and the per-task accuracies (for the macro AA)."""
@@ -203,8 +234,9 @@ def _final_row(run: RunItems) -> tuple[tuple, np.ndarray, list[float]]:
 
 def paired_test(first: str, first_runs: list[RunItems | None], second: str,
                 second_runs: list[RunItems | None]) -> PairTest:
-    """McNemar over the final-row items of the complete runs (order, seed) both methods have, pooled;
-    a shared run whose items differ (other caps, other sample) is left out and named in the note."""
+    """McNemar and the paired bootstrap over the final-row items of the complete runs (order, seed) both
+    methods have; a shared run whose items differ (other caps, other sample) is left out and named in
+    the note."""
     def by_run(runs):
         return {(r.order, r.seed): r for r in runs if r is not None and r.complete}
 
@@ -230,10 +262,11 @@ def paired_test(first: str, first_runs: list[RunItems | None], second: str,
     note = "; ".join(notes)
     if not kept:
         return PairTest(first, second, note=f"different test items in {', '.join(mismatched)}: not comparable")
-    first_only, second_only, p = mcnemar(np.concatenate(right_a), np.concatenate(right_b))
+    first_only, second_only, p_mcnemar = mcnemar(np.concatenate(right_a), np.concatenate(right_b))
+    p_bootstrap = bootstrap_p([(a[k], b[k]) for k in kept])
     return PairTest(first, second, runs=len(kept), items=int(sum(len(x) for x in right_a)),
                     aa_difference=float(np.mean(diffs)), first_only=first_only, second_only=second_only,
-                    p=p, note=note)
+                    p_mcnemar=p_mcnemar, p_bootstrap=p_bootstrap, p=max(p_mcnemar, p_bootstrap), note=note)
 
 
 def holm(pvalues: list[float], family: int | None = None) -> list[float]:
