@@ -64,7 +64,7 @@ def test_mcnemar_finds_a_planted_difference_and_none_between_identical_predictio
     expected = statistics.fmean(100.0 * (sum(strong[t]) - sum(weak[t])) / 60 for t in TASKS)
     assert planted.p_mcnemar < 1e-6 and planted.items == 180 and planted.runs == 1
     # No replicate mean is at or below 0: the bootstrap's smallest p, counted with the observed mean.
-    assert planted.p_bootstrap == pytest.approx(2 / (stats.RESAMPLES + 1))
+    assert planted.p_bootstrap == pytest.approx(2 / (stats.TEST_RESAMPLES + 1))
     assert planted.p == max(planted.p_mcnemar, planted.p_bootstrap)
     assert planted.aa_difference == pytest.approx(expected)
     assert planted.first_only - planted.second_only == sum(sum(strong[t]) - sum(weak[t]) for t in TASKS)

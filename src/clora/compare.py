@@ -244,9 +244,10 @@ def _stats_note(pairs: list[stats.PairTest], declared: list[tuple[str, str]] | N
             "both have, over their identical test items. Two tests: the exact McNemar test (two-sided binomial test "
             "of the items only one of the two got right, pooled over the runs as if every run's items were "
             "independent) and a two-sided paired bootstrap of the AA difference "
-            f"({stats.RESAMPLES} resamples, seed 0) that redraws the items of each task (the same draw for both "
+            f"({stats.TEST_RESAMPLES} resamples, seed 0) that redraws the items of each task (the same draw for both "
             "methods) and the seeds within each order (a drawn seed brings both methods' runs), so a gap that "
-            "one seed shows and another reverses does not count. AA first − second is the macro AA difference "
+            "one seed shows and another reverses does not count (its p is never below "
+            f"2/{stats.TEST_RESAMPLES + 1}, about 2e-4). AA first − second is the macro AA difference "
             f"averaged over those runs; the larger of the two p-values is adjusted by Holm over {family}; "
             "significant means Holm p < 0.05 (bold).")
 
