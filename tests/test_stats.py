@@ -67,6 +67,8 @@ def test_mcnemar_finds_a_planted_difference_and_none_between_identical_predictio
     assert planted.p_bootstrap == pytest.approx(2 / (stats.TEST_RESAMPLES + 1))
     assert planted.p == max(planted.p_mcnemar, planted.p_bootstrap)
     assert planted.aa_difference == pytest.approx(expected)
+    lo, hi = planted.aa_difference_ci
+    assert 0 < lo < expected < hi, "the interval holds the observed difference and excludes 0"
     assert planted.first_only - planted.second_only == sum(sum(strong[t]) - sum(weak[t]) for t in TASKS)
 
     identical = stats.paired_test("a", [a], "c", [same])
@@ -89,6 +91,7 @@ def test_a_gap_one_seed_shows_and_the_others_reverse_is_not_significant(tmp_path
     assert one_seed.runs == 3 and one_seed.aa_difference > 15
     assert one_seed.p_mcnemar < 1e-6, "pooled over seeds, the first seed's gap dominates"
     assert one_seed.p_bootstrap > 0.2 and one_seed.p == one_seed.p_bootstrap
+    assert one_seed.aa_difference_ci[0] < 0 < one_seed.aa_difference_ci[1]
 
     every_seed = pair("every-seed", [(0.8, 0.4), (0.75, 0.45), (0.8, 0.45)])
     assert every_seed.p_mcnemar < 1e-6 and every_seed.p_bootstrap < 0.01

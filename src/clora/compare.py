@@ -221,8 +221,9 @@ def pairs_table(pairs: list[stats.PairTest]) -> str:
             continue
         difference = f"{t.aa_difference:+.1f}"
         verdict = "**yes**" if t.significant else "no"
+        lo, hi = t.aa_difference_ci
         lines.append(f"| {t.first} | {t.second} | {t.runs} | {t.items} | "
-                     + (f"**{difference}**" if t.significant else difference)
+                     + (f"**{difference}**" if t.significant else difference) + f" [{lo:+.1f}, {hi:+.1f}]"
                      + f" | {t.first_only} | {t.second_only} | {_p(t.p_mcnemar)} | {_p(t.p_bootstrap)} | {_p(t.p_holm)} | {verdict}"
                      + (f" ({t.note})" if t.note else "") + " |")
     return "\n".join(lines)
@@ -248,7 +249,7 @@ def _stats_note(pairs: list[stats.PairTest], declared: list[tuple[str, str]] | N
             "methods) and the seeds within each order (a drawn seed brings both methods' runs), so a gap that "
             "one seed shows and another reverses does not count (its p is never below "
             f"2/{stats.TEST_RESAMPLES + 1}, about 2e-4). AA first − second is the macro AA difference "
-            f"averaged over those runs; the larger of the two p-values is adjusted by Holm over {family}; "
+            "averaged over those runs, with the paired bootstrap's 95 % interval; the larger of the two p-values is adjusted by Holm over {family}; "
             "significant means Holm p < 0.05 (bold).")
 
 

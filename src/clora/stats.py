@@ -70,6 +70,7 @@ class PairTest:
     runs: int = 0
     items: int = 0
     aa_difference: float | None = None
+    aa_difference_ci: tuple[float, float] | None = None  # the paired bootstrap's 95 % percentile interval
     first_only: int = 0
     second_only: int = 0
     p_mcnemar: float | None = None
@@ -206,12 +207,13 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> tuple[int, int, float]:
     return first_only, second_only, p
 
 
-def bootstrap_p(shared: list[tuple[RunItems, RunItems]], resamples: int = TEST_RESAMPLES, seed: int = SEED) -> float:
+def paired_bootstrap(shared: list[tuple[RunItems, RunItems]], resamples: int = TEST_RESAMPLES,
+                     seed: int = SEED) -> tuple[float, tuple[float, float]]:
     """Two-sided paired bootstrap test of the AA difference over runs (first, second) of the same order,
     seed and items: in each replicate the items of each task are redrawn (the same draw for both methods
     and every run that scored those items) and the seeds within each order (a drawn seed brings both of
-    its runs); p = 2 x the share of replicate means on the far side of 0, counted with the observed one
-    so that it is never 0."""
+    its runs). Returns p = 2 x the share of replicate means on the far side of 0, counted with the
+    observed one so that it is never 0, and the difference's percentile interval at LEVEL."""
     rng = np.random.default_rng(seed)
     draws: dict = {}
     differences = []  # per run, (resamples,) macro-AA differences
@@ -223,7 +225,9 @@ def bootstrap_p(shared: list[tuple[RunItems, RunItems]], resamples: int = TEST_R
     chosen = _run_draws([first for first, _ in shared], rng, resamples)
     means = np.take_along_axis(np.stack(differences, axis=1), chosen, axis=1).mean(axis=1)
     far_side = min(int(np.sum(means <= 0)), int(np.sum(means >= 0)))
-    return min(1.0, 2.0 * (far_side + 1) / (resamples + 1))
+    tail = 100.0 * (1.0 - LEVEL) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return min(1.0, 2.0 * (far_side + 1) / (resamples + 1)), (float(lo), float(hi))
 
 
 def _final_row(run: RunItems) -> tuple[tuple, np.ndarray, list[float]]:
@@ -266,9 +270,10 @@ def paired_test(first: str, first_runs: list[RunItems | None], second: str,
     if not kept:
         return PairTest(first, second, note=f"different test items in {', '.join(mismatched)}: not comparable")
     first_only, second_only, p_mcnemar = mcnemar(np.concatenate(right_a), np.concatenate(right_b))
-    p_bootstrap = bootstrap_p([(a[k], b[k]) for k in kept])
+    p_bootstrap, interval = paired_bootstrap([(a[k], b[k]) for k in kept])
     return PairTest(first, second, runs=len(kept), items=int(sum(len(x) for x in right_a)),
-                    aa_difference=float(np.mean(diffs)), first_only=first_only, second_only=second_only,
+                    aa_difference=float(np.mean(diffs)), aa_difference_ci=interval,
+                    first_only=first_only, second_only=second_only,
                     p_mcnemar=p_mcnemar, p_bootstrap=p_bootstrap, p=max(p_mcnemar, p_bootstrap), note=note)
 
 
