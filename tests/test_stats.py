@@ -193,13 +193,17 @@ def test_compare_summary_and_page_show_cis_parameters_time_per_run_and_paired_te
     gorp_line = next(line for line in text.splitlines() if line.startswith("| gorp |"))
     assert f"| {gorp['AA']:.1f} [{gorp['AA_ci'][0]:.1f}, {gorp['AA_ci'][1]:.1f}] |" in gorp_line
     assert "| 58× |" in gorp_line and "| 58,000 |" in gorp_line
-    assert "Holm" in text and "bootstrap" in text
+    assert "adjusted by Holm over the 1 pairs tested in this table" in text and "bootstrap" in text
 
     pair = summary["pairs"][0]
     assert (pair["first"], pair["second"], pair["runs"]) == ("seq-lora", "gorp", 2)
     assert pair["aa_difference"] == pytest.approx(seq["AA"] - gorp["AA"])
     pair_line = next(line for line in text.splitlines() if line.startswith("| seq-lora | gorp |"))
     assert f"**{pair['aa_difference']:+.1f}**" in pair_line and pair_line.endswith("| **yes** |")
+    lo, hi = pair["aa_difference_ci"]
+    assert f" [{lo:+.1f}, {hi:+.1f}] |" in pair_line and hi < 0
+    p_cells = " | ".join(compare._p(pair[k]) for k in ("p_mcnemar", "p_bootstrap", "p_holm"))
+    assert f"| {p_cells} |" in pair_line and pair["p"] == max(pair["p_mcnemar"], pair["p_bootstrap"])
     assert pair_line in (output / "summary.md").read_text()
     assert "AA_lo" in (output / "summary.csv").read_text().splitlines()[0]
 

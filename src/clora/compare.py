@@ -249,7 +249,8 @@ def _stats_note(pairs: list[stats.PairTest], declared: list[tuple[str, str]] | N
             "methods) and the seeds within each order (a drawn seed brings both methods' runs), so a gap that "
             "one seed shows and another reverses does not count (its p is never below "
             f"2/{stats.TEST_RESAMPLES + 1}, about 2e-4). AA first − second is the macro AA difference "
-            "averaged over those runs, with the paired bootstrap's 95 % interval; the larger of the two p-values is adjusted by Holm over {family}; "
+            "averaged over those runs, with the paired bootstrap's 95 % interval; the larger of the two p-values "
+            f"is adjusted by Holm over {family}; "
             "significant means Holm p < 0.05 (bold).")
 
 
