@@ -81,7 +81,7 @@ class OLoRA(Method):
     def on_task_start(self, model, data: StageData) -> None:
         i, o = data.stage.index, self.options
         lambda1s, lambda2s = self.per_task["lambda1"], self.per_task["lambda2"]
-        self.lambdas = (lambda1s[i] if lambda1s else o.lambda1, lambda2s[i] if lambda2s else o.lambda2)
+        self.lambdas = (o.lambda1 if lambda1s is None else lambda1s[i], o.lambda2 if lambda2s is None else lambda2s[i])
         if i == 0:
             super().on_task_start(model, data)  # task 1 trains "default"; there is nothing old yet
         else:
