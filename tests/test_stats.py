@@ -83,8 +83,9 @@ def test_a_gap_one_seed_shows_and_the_others_reverse_is_not_significant(tmp_path
         firsts, seconds = [], []
         for seed, (p_first, p_second) in enumerate(gaps):
             first, second = draws(10 + seed, 60, p_first), draws(20 + seed, 60, p_second)
-            firsts.append(stats.load_run(write_run(tmp_path / name / f"a{seed}", "1", seed, continual_rows(first, first))))
-            seconds.append(stats.load_run(write_run(tmp_path / name / f"b{seed}", "1", seed, continual_rows(second, second))))
+            for runs, side, answers in ((firsts, "a", first), (seconds, "b", second)):
+                folder = tmp_path / name / f"{side}{seed}"
+                runs.append(stats.load_run(write_run(folder, "1", seed, continual_rows(answers, answers))))
         return stats.paired_test("a", firsts, "b", seconds)
 
     one_seed = pair("one-seed", [(0.95, 0.2), (0.45, 0.55), (0.45, 0.55)])

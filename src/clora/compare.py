@@ -214,17 +214,19 @@ def pairs_table(pairs: list[stats.PairTest]) -> str:
     paired bootstrap's p, the larger Holm-adjusted, and whether the difference is significant at 0.05
     after Holm."""
     lines = ["| first | second | runs | items | AA first − second | only first right | only second right "
-             "| McNemar p | bootstrap p | Holm p | significant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| McNemar p | bootstrap p | Holm p | significant |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for t in pairs:
         if t.p is None:
-            lines.append(f"| {t.first} | {t.second} | — | — | — | — | — | — | — | — | not tested: {t.note} |")
+            lines.append(f"| {t.first} | {t.second} |" + " — |" * 8 + f" not tested: {t.note} |")
             continue
         difference = f"{t.aa_difference:+.1f}"
         verdict = "**yes**" if t.significant else "no"
         lo, hi = t.aa_difference_ci
+        p_cells = " | ".join(_p(value) for value in (t.p_mcnemar, t.p_bootstrap, t.p_holm))
         lines.append(f"| {t.first} | {t.second} | {t.runs} | {t.items} | "
                      + (f"**{difference}**" if t.significant else difference) + f" [{lo:+.1f}, {hi:+.1f}]"
-                     + f" | {t.first_only} | {t.second_only} | {_p(t.p_mcnemar)} | {_p(t.p_bootstrap)} | {_p(t.p_holm)} | {verdict}"
+                     + f" | {t.first_only} | {t.second_only} | {p_cells} | {verdict}"
                      + (f" ({t.note})" if t.note else "") + " |")
     return "\n".join(lines)
 
