@@ -38,7 +38,7 @@ same=(--orders 1,2,3 --train-per-task 192 --dev-per-task 64 --test-per-task 64 -
       --settings results/tune-proxy/chosen.json)
 table=(--methods "$(IFS=,; echo "${tuned[*]:0:2}"),gorp-no-shared:gorp,$(IFS=,; echo "${tuned[*]:2}")" "${same[@]}"
        --for gorp-no-shared shared_space=false --one-at-a-time osf
-       --pairs "*/seq-lora,gorp/galore,gorp/gorp-no-shared,gorp/o-lora,deal/o-lora,n-lora/o-lora,osf/o-lora,gorp/deal")
+       --pairs "*/seq-lora,gorp/galore,gorp/gorp-no-shared,gorp/o-lora,deal/o-lora,n-lora/o-lora,osf/o-lora,osf/galore,gorp/deal")
 # (--one-at-a-time osf: an OSF run of the default model holds ~12 GB here; two at once were killed for memory.)
 # The five the verdict rests on (fixed DEAL, GORP, its control GaLore, O-LoRA, SeqLoRA) get their later
 # seeds before the other rows, one seed at a time, so the headline pairs gain paired items first.
