@@ -171,6 +171,12 @@ def _run_draws(runs: list[RunItems], rng: np.random.Generator, resamples: int) -
     return np.concatenate(columns, axis=1)
 
 
+def _percentile_interval(means: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
 def intervals(runs: list[RunItems], resamples: int = RESAMPLES, seed: int = SEED,
               level: float = LEVEL) -> dict[str, tuple[float, float] | None]:
     """Percentile interval of each metric's mean over `runs` (the module docstring says what is
@@ -179,7 +185,6 @@ def intervals(runs: list[RunItems], resamples: int = RESAMPLES, seed: int = SEED
     draws: dict = {}
     per_run = [_replicate_metrics(run, _item_draws(run, draws, rng, resamples), resamples) for run in runs]
     chosen = _run_draws(runs, rng, resamples)
-    tail = 100.0 * (1.0 - level) / 2.0
     out: dict[str, tuple[float, float] | None] = {}
     for metric in BOOTSTRAPPED:
         values = np.stack([r[metric] for r in per_run], axis=1)  # (resamples, runs)
@@ -190,8 +195,7 @@ def intervals(runs: list[RunItems], resamples: int = RESAMPLES, seed: int = SEED
             out[metric] = None
             continue
         means = np.where(defined, picked, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
-        lo, hi = np.percentile(means, [tail, 100.0 - tail])
-        out[metric] = (float(lo), float(hi))
+        out[metric] = _percentile_interval(means, level)
     return out
 
 
@@ -225,9 +229,7 @@ def paired_bootstrap(shared: list[tuple[RunItems, RunItems]], resamples: int = T
     chosen = _run_draws([first for first, _ in shared], rng, resamples)
     means = np.take_along_axis(np.stack(differences, axis=1), chosen, axis=1).mean(axis=1)
     far_side = min(int(np.sum(means <= 0)), int(np.sum(means >= 0)))
-    tail = 100.0 * (1.0 - LEVEL) / 2.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return min(1.0, 2.0 * (far_side + 1) / (resamples + 1)), (float(lo), float(hi))
+    return min(1.0, 2.0 * (far_side + 1) / (resamples + 1)), _percentile_interval(means)
 
 
 def _final_row(run: RunItems) -> tuple[tuple, np.ndarray, list[float]]:
