@@ -102,7 +102,15 @@ def test_parallel_jobs_give_the_same_runs_report_failures_and_resume(tiny_bench,
     parallel = json.loads((tmp_path / "par" / "summary.json").read_text())
     assert [r["accuracy_matrix"] for r in parallel["runs"]] == [r["accuracy_matrix"] for r in serial["runs"]]
     assert "--jobs" not in (tmp_path / "par" / "summary.md").read_text()  # how it ran is not what it computed
+
+    # Rerun over finished runs: each is summarised again in this process, none gets a process of its own.
     capsys.readouterr()
+    report = tmp_path / "par" / "seq-lora" / "orderalpha+beta-seed0" / "report.md"
+    report.unlink()
+    assert main(["compare", *common, "--jobs", "2", "--output", str(tmp_path / "par")]) == 0
+    assert "clora compare: started" not in capsys.readouterr().out
+    assert report.is_file()
+    assert json.loads((tmp_path / "par" / "summary.json").read_text())["runs"] == parallel["runs"]
 
 
 def test_page_shows_each_method_per_order_so_methods_are_compared_on_shared_orders():

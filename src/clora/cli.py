@@ -262,7 +262,7 @@ def _compare(args, argv: list[str] | None) -> int:
     from pathlib import Path
 
     from . import compare, preflight
-    from .continual import run
+    from .continual import finished, run
     from .parallel import run_parallel
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
@@ -294,7 +294,13 @@ def _compare(args, argv: list[str] | None) -> int:
     if not args.report_only:  # before the comparison's folder is created (see clora.preflight)
         preflight.check_grid(grid, output)
     parallel = args.jobs > 1 and not args.report_only
-    failed = run_parallel(grid, output, args.jobs, one_at_a_time) if parallel else []
+    failed = []
+    if parallel:
+        # A finished run is only summarised again: done here, it costs no process start-up (an import of
+        # torch and transformers per run, minutes over a grid of a hundred finished runs).
+        done = [g for g in grid if finished(g[3], compare.run_dir_of(output, *g[:3]))]
+        compare.run_grid(done, output, run)
+        failed = run_parallel([g for g in grid if g not in done], output, args.jobs, one_at_a_time)
     results = compare.run_grid(grid, output, run, report_only=args.report_only or parallel)
     if not results:
         raise UserError(f"{output} holds none of these runs yet" + (f"; failed: {', '.join(failed)}" if failed else ""))

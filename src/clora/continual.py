@@ -192,6 +192,16 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
     return result
 
 
+def finished(config: RunConfig, output: str | Path) -> bool:
+    """Whether the run in `output` has every stage (and its zero-shot row) done, so that resuming it only
+    summarises it again, loading no model."""
+    rundir = RunDir(Path(output))
+    if not (rundir.path / "config.json").is_file():
+        return False
+    p = prepare(config)
+    return _finished(rundir, [s.name for s in p.stages], p.config.zero_shot)
+
+
 def _finished(rundir: RunDir, stage_names: list[str], zero_shot: bool) -> bool:
     return (len(rundir.completed(stage_names)) == len(stage_names)
             and (not zero_shot or rundir.load_zero_shot() is not None))
