@@ -158,3 +158,21 @@ def test_disk_full_while_committing_is_one_line_and_commits_nothing(tiny_llama, 
     with pytest.raises(UserError, match=r"disk full while writing .*01-alpha.tmp"):
         clora.run(tiny_config(tiny_llama, tiny_bench, epochs=1), tmp_path / "run")
     assert not (tmp_path / "run" / "stages" / "01-alpha").exists()
+
+
+def test_a_folder_copied_without_its_weights_is_refused_with_one_line_and_left_as_it_was(tiny_llama, tiny_bench,
+                                                                                       tmp_path):
+    """Result folders are committed without weights: resuming an unfinished one cannot go on from stage 1
+    and must say so (not a FileNotFoundError traceback from safetensors), leaving the folder untouched."""
+    out = tmp_path / "run"
+    killed = _cli(tiny_llama, tiny_bench, out, "seq-lora", kill_at="results_write:1")
+    assert killed.returncode == 137, killed.stderr[-2000:]  # stage 1 committed, stage 2 not started
+    for weights in out.rglob("*.safetensors"):
+        weights.unlink()
+    before = run_folder_files(out)
+    refused = _cli(tiny_llama, tiny_bench, out, "seq-lora", resume=True)
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("clora: error:")]
+    assert len(lines) == 1 and "not its weights" in lines[0] and "01-alpha" in lines[0], refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert run_folder_files(out) == before

@@ -102,6 +102,8 @@ def _run(config: RunConfig, output: str | Path, resume: bool, overwrite: bool,
     if main:
         RunDir.check(output, cfg.to_dict(), resume, overwrite, *control)
     summarise_only = resume and _finished(RunDir(Path(output)), stage_names, cfg.zero_shot)
+    if resume and not summarise_only:
+        _check_weights_kept(RunDir(Path(output)), stage_names)
     if not summarise_only:
         preflight.check_model(cfg.model, method)
         set_seed(cfg.seed)
@@ -200,6 +202,18 @@ def finished(config: RunConfig, output: str | Path) -> bool:
         return False
     p = prepare(config)
     return _finished(rundir, [s.name for s in p.stages], p.config.zero_shot)
+
+
+def _check_weights_kept(rundir: RunDir, stage_names: list[str]) -> None:
+    """An unfinished run goes on from its last stage's weights; a folder copied without them (result
+    folders are committed without weights) has that stage's results but nothing to go on from."""
+    done = rundir.completed(stage_names)
+    if done:
+        last = rundir.stage_dir(len(done) - 1, stage_names[len(done) - 1])
+        if not any(last.rglob("*.safetensors")):
+            raise UserError(f"cannot resume {rundir.path}: stage {len(done)} ({stage_names[len(done) - 1]}) kept "
+                            f"its results but not its weights (no .safetensors file under {last}); delete the "
+                            "folder or rerun with --overwrite to start it again")
 
 
 def _finished(rundir: RunDir, stage_names: list[str], zero_shot: bool) -> bool:
